@@ -1,0 +1,161 @@
+"""`audience-sync run`: wires settings into the pipeline, the TikTok client and the ops server, and owns
+their lifecycles (aiohttp app factory + cleanup contexts, as aiohttp-demos does)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from . import metrics as m
+from .batcher import Batcher
+from .config import ConfigError, Settings, TokenSource, consumer_config, mask, producer_config
+from .http import create_ops_app, heartbeat_check
+from .kafka.consumer import SourceConsumer
+from .kafka.producer import AsyncProducer
+from .mappings import Mappings, MappingsError, load_mappings
+from .membership import Resolver, ResolverSettings
+from .pipeline import Pipeline, PipelineOptions
+from .retry import Backoff
+from .schema_registry import SchemaRegistryClient
+from .schemas import SchemaStore
+from .tiktok.client import TikTokClient
+
+log = logging.getLogger("service")
+
+
+def resolver_settings(s: Settings) -> ResolverSettings:
+    return ResolverSettings(
+        enter_event_names=s.enter_names(),
+        exit_event_names=s.exit_names(),
+        default_advertiser_id=s.default_advertiser_id,
+        phone_default_region=s.phone_default_region,
+        send_email=s.send_email,
+        send_phone=s.send_phone,
+        send_idfa=s.send_idfa,
+        send_aaid=s.send_aaid,
+        max_record_bytes=s.max_record_bytes,
+    )
+
+
+def load_initial_mappings(s: Settings) -> Mappings:
+    if s.mappings_file is None:
+        return Mappings.empty()
+    try:
+        return load_mappings(s.mappings_file)
+    except MappingsError as exc:
+        raise ConfigError(f"MAPPINGS_FILE: {exc}") from None
+
+
+async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Event) -> None:
+    """Run until `stop` is set, then drain and commit. Raises ConfigError before anything starts."""
+    mappings = load_initial_mappings(settings)
+    m.BUILD.info({"version": __version__})
+    m.MAPPINGS_ENTRIES.set(len(mappings))
+    cconf: dict[str, object] = dict(consumer_config(settings, environ))
+    cconf.setdefault("statistics.interval.ms", "15000")
+    log.info(
+        "starting: topics=%s dlq=%s group=%s tiktok=%s mappings=%d kafka=%s",
+        settings.source_topics,
+        settings.dead_letter_topic,
+        settings.consumer_group,
+        settings.tiktok_api_url,
+        len(mappings),
+        mask(cconf),
+    )
+    token = TokenSource(settings)
+    connector = aiohttp.TCPConnector(limit=settings.max_inflight_requests * 2, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, json_serialize=None) as session:  # type: ignore[arg-type]
+        store = SchemaStore()
+        fetcher = (
+            SchemaRegistryClient(session, settings.schema_registry_url, store)
+            if settings.schema_registry_url
+            else None
+        )
+        resolver = Resolver(resolver_settings(settings), mappings, store)
+        dlq = AsyncProducer(producer_config(settings, environ))
+        pipeline = Pipeline(
+            resolver=resolver,
+            batcher=Batcher(
+                max_rows=settings.batch_max_rows,
+                max_bytes=settings.batch_max_bytes,
+                linger_s=settings.batch_linger_ms / 1000,
+                clock=time.monotonic,
+            ),
+            uploader=TikTokClient(
+                session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s
+            ),
+            dlq=dlq,
+            dlq_topic=settings.dead_letter_topic,
+            backoff=Backoff(
+                settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()
+            ),
+            options=PipelineOptions(
+                max_inflight=settings.max_inflight_requests,
+                max_pending=settings.max_pending_events,
+                drain_timeout_s=settings.drain_timeout_s,
+                revoke_timeout_s=settings.revoke_timeout_s,
+                auth_retry_s=settings.auth_retry_s,
+                max_qps=settings.tiktok_max_qps,
+            ),
+            schema_fetcher=fetcher,
+        )
+        cconf["stats_cb"] = pipeline.on_stats
+        cconf["error_cb"] = pipeline.on_error
+        consumer = SourceConsumer(
+            cconf,
+            settings.source_topics,
+            on_assign=pipeline.on_assign,
+            on_revoke=pipeline.on_revoke,
+            on_lost=pipeline.on_lost,
+        )
+
+        def ready() -> tuple[bool, str]:
+            problems = []
+            if not pipeline.started or not consumer.assigned:
+                problems.append("no partitions assigned")
+            if not pipeline.broker_ok:
+                problems.append("broker unreachable")
+            if not pipeline.auth_ok:
+                problems.append("TikTok rejects the access token")
+            return (not problems, "; ".join(problems) or "ok")
+
+        ops = create_ops_app(heartbeat_check(lambda: pipeline.heartbeat, 30.0), ready)
+        runner = web.AppRunner(ops, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("ops endpoint on http://%s:%d/metrics", settings.http_host, settings.http_port)
+        try:
+            await pipeline.run(consumer, stop)
+        finally:
+            left = dlq.close()
+            if left:
+                log.error("%d dead letters were not acknowledged; their offsets were not committed", left)
+            await runner.cleanup()
+    log.info("stopped")
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await serve(settings, os.environ, stop)
+
+
+def run(settings: Settings) -> int:
+    asyncio.run(_main(settings))
+    return 0

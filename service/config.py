@@ -1,0 +1,210 @@
+"""Configuration from the environment (12-factor), validated before anything starts.
+
+pydantic-settings does the parsing and type checks; this module adds the contract's rules on top: the librdkafka
+passthrough (`KAFKA_<PROPERTY>`), the token-or-token-file rule, and one clear line per mistake.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TIKTOK_API_URL = "https://business-api.tiktok.com/open_api/v1.3"
+
+# librdkafka defaults the contract fixes; each can be overridden through KAFKA_<PROPERTY>.
+CONSUMER_DEFAULTS: dict[str, str] = {
+    "auto.offset.reset": "earliest",
+    "enable.auto.offset.store": "false",
+    "partition.assignment.strategy": "cooperative-sticky",
+}
+
+# Keys whose values never reach a log line.
+_SECRET_HINTS = ("password", "secret", "token", "key", "jaas")
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Every environment variable the service reads (see README "Configuration")."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
+
+    kafka_bootstrap_servers: str
+    source_topic: str = "audience-membership"
+    dlq_topic: str | None = None
+    consumer_group: str = "audience-sync"
+    tiktok_api_url: str = DEFAULT_TIKTOK_API_URL
+    tiktok_access_token: SecretStr | None = None
+    tiktok_access_token_file: Path | None = None
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+    mappings_file: Path | None = None
+    default_advertiser_id: str | None = None
+    phone_default_region: str = "US"
+    schema_registry_url: str | None = None
+
+    send_email: bool = True
+    send_phone: bool = True
+    send_idfa: bool = True
+    send_aaid: bool = True
+    enter_event_names: str = "Audience Entered"
+    exit_event_names: str = "Audience Exited"
+    max_record_bytes: int = Field(1_048_576, ge=1)
+
+    batch_max_rows: int = Field(1000, ge=1, le=10_000)
+    batch_max_bytes: int = Field(2_000_000, ge=1024)
+    batch_linger_ms: int = Field(1000, ge=0)
+    max_inflight_requests: int = Field(4, ge=1, le=256)
+    max_pending_events: int = Field(50_000, ge=100)
+    drain_timeout_s: float = Field(20.0, gt=0)
+    revoke_timeout_s: float = Field(10.0, gt=0)
+
+    tiktok_timeout_s: float = Field(10.0, gt=0)
+    tiktok_max_qps: float = Field(40.0, gt=0)
+    retry_base_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    retry_budget_s: float = Field(300.0, gt=0)
+    auth_retry_s: float = Field(15.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *args: Any, **kw: Any) -> Any:
+        # `load_settings` hands over the environment explicitly, so tests never leak the process's own.
+        return (init_settings,)
+
+    @field_validator("default_advertiser_id")
+    @classmethod
+    def _digits(cls, v: str | None) -> str | None:
+        if v is not None and not v.isdigit():
+            raise ValueError("must be a numeric TikTok advertiser id")
+        return v
+
+    @field_validator("kafka_bootstrap_servers", "source_topic", "consumer_group", "tiktok_api_url")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _checks(self) -> Settings:
+        if self.tiktok_access_token is None and self.tiktok_access_token_file is None:
+            raise ValueError("TIKTOK_ACCESS_TOKEN or TIKTOK_ACCESS_TOKEN_FILE must be set")
+        if self.tiktok_access_token_file is not None and not self.tiktok_access_token_file.is_file():
+            raise ValueError(f"TIKTOK_ACCESS_TOKEN_FILE: no such file {self.tiktok_access_token_file}")
+        if self.mappings_file is not None and not self.mappings_file.is_file():
+            raise ValueError(f"MAPPINGS_FILE: no such file {self.mappings_file}")
+        if self.dlq_topic is not None and self.dlq_topic in self.source_topics:
+            raise ValueError(
+                "DLQ_TOPIC must not be one of SOURCE_TOPIC (a dead letter would be consumed again)"
+            )
+        return self
+
+    @property
+    def source_topics(self) -> list[str]:
+        return [t.strip() for t in self.source_topic.split(",") if t.strip()]
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.source_topics[0]}.dlq"
+
+    def enter_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.enter_event_names.split(",") if n.strip())
+
+    def exit_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.exit_event_names.split(",") if n.strip())
+
+
+def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:
+    """`KAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`; the bootstrap servers have their own field."""
+    out: dict[str, str] = {}
+    for name, value in environ.items():
+        upper = name.upper()
+        if upper.startswith("KAFKA_") and upper != "KAFKA_BOOTSTRAP_SERVERS":
+            out[upper[len("KAFKA_") :].lower().replace("_", ".")] = value
+    return out
+
+
+def consumer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.consumer_group}
+    conf.update(CONSUMER_DEFAULTS)
+    conf.update(kafka_passthrough(environ))
+    return conf
+
+
+def producer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The DLQ producer: idempotent, acks from all replicas; consumer-only passthrough keys are dropped."""
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    consumer_only = {
+        "group.id",
+        "auto.offset.reset",
+        "enable.auto.offset.store",
+        "enable.auto.commit",
+        "auto.commit.interval.ms",
+        "partition.assignment.strategy",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "group.protocol",
+        "group.instance.id",
+        "fetch.min.bytes",
+        "fetch.wait.max.ms",
+        "isolation.level",
+    }
+    conf.update({k: v for k, v in kafka_passthrough(environ).items() if k not in consumer_only})
+    conf.update({"enable.idempotence": "true", "acks": "all"})
+    return conf
+
+
+def mask(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy safe to log: values of secret-looking keys replaced."""
+    return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in conf.items()}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    fields = Settings.model_fields
+    values = {k.lower(): v for k, v in env.items() if k.lower() in fields and v != ""}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = "_".join(str(x) for x in err["loc"]).upper()
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "configuration error: " + "; ".join(parts)
+
+
+class TokenSource:
+    """The access token, re-read from its file when the file changes (a rotated secret needs no restart)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._static = settings.tiktok_access_token
+        self._path = settings.tiktok_access_token_file
+        self._mtime: float | None = None
+        self._cached = ""
+
+    def get(self) -> str:
+        if self._path is None:
+            return self._static.get_secret_value() if self._static else ""
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime != self._mtime:
+                self._cached = self._path.read_text().strip()
+                self._mtime = mtime
+        except OSError:
+            pass  # keep the last good token; the auth probe reports the outage
+        return self._cached

@@ -1,0 +1,1 @@
+"""Thin edges around confluent-kafka: the source consumer, the dead-letter producer, topic admin."""

@@ -1,0 +1,130 @@
+"""Every metric the service exports, defined in one place (arroyo's `metric_defs` idea).
+
+Prometheus conventions: base units, `_total` counters, histograms not summaries. Labels are bounded enums
+(reason codes, id types, actions, status classes, partitions); never a user, an email or an audience id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+P = "audience_sync_"
+
+BUILD = Info(P + "build", "Version of the running service.", registry=REGISTRY)
+
+EVENTS_CONSUMED = Counter(
+    P + "events_consumed_total", "Records read from the source topics.", ["topic"], registry=REGISTRY
+)
+EVENTS_SKIPPED = Counter(
+    P + "events_skipped_total", "Records that are not audience events.", ["reason"], registry=REGISTRY
+)
+EVENTS_UPLOADED = Counter(
+    P + "events_uploaded_total", "Events acknowledged by TikTok.", ["action"], registry=REGISTRY
+)
+EVENTS_SUPERSEDED = Counter(
+    P + "events_superseded_total",
+    "Events replaced by a newer event for the same user and audience before upload.",
+    registry=REGISTRY,
+)
+EVENTS_DEAD_LETTERED = Counter(
+    P + "events_dead_lettered_total",
+    "Records written to the dead-letter topic.",
+    ["reason"],
+    registry=REGISTRY,
+)
+DEAD_LETTER_FAILURES = Counter(
+    P + "dead_letter_failures_total",
+    "Dead-letter writes the broker did not acknowledge (retried).",
+    registry=REGISTRY,
+)
+IDENTIFIERS = Counter(
+    P + "identifiers_total",
+    "Identifiers seen, by type and outcome (hashed, passthrough, invalid).",
+    ["type", "outcome"],
+    registry=REGISTRY,
+)
+MATCH_ERRORS = Counter(
+    P + "match_errors_total",
+    "Identifiers dropped because they could not be normalised.",
+    ["type", "reason"],
+    registry=REGISTRY,
+)
+BATCHES_SENT = Counter(
+    P + "batches_sent_total",
+    "Mapping requests sent (first attempts), by action and flush trigger.",
+    ["action", "trigger"],
+    registry=REGISTRY,
+)
+ROWS_SENT = Counter(
+    P + "rows_sent_total", "Rows in mapping requests (first attempts).", ["action"], registry=REGISTRY
+)
+BATCH_ROWS = Histogram(
+    P + "batch_rows",
+    "Rows per mapping request.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+    registry=REGISTRY,
+)
+UPLOAD_DURATION = Histogram(
+    P + "upload_duration_seconds",
+    "Mapping request latency, by status class.",
+    ["status_class"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+TIKTOK_ANSWERS = Counter(
+    P + "tiktok_answers_total",
+    "TikTok answers by status class and verdict.",
+    ["status_class", "verdict"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    P + "upload_retries_total", "Mapping requests retried, by cause.", ["cause"], registry=REGISTRY
+)
+RATE_LIMIT_WAIT = Counter(
+    P + "rate_limit_wait_seconds_total", "Time uploads waited on the request-rate limiter.", registry=REGISTRY
+)
+RATE_LIMIT_QPS = Gauge(
+    P + "rate_limit_qps",
+    "Current request-rate limit (lowered on TikTok rate-limit answers).",
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge(P + "inflight_requests", "Mapping requests in flight.", registry=REGISTRY)
+PENDING = Gauge(
+    P + "pending_events",
+    "Consumed records not yet finished (buffered, in flight or dead-lettering).",
+    registry=REGISTRY,
+)
+PAUSED_PARTITIONS = Gauge(P + "paused_partitions", "Partitions paused for backpressure.", registry=REGISTRY)
+EVENT_TO_ACK = Histogram(
+    P + "event_to_ack_seconds",
+    "From the event's time to TikTok's acknowledgement.",
+    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900),
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    P + "consumer_lag_records",
+    "Records behind the high watermark, from librdkafka statistics (stored offsets).",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+AUTH_OK = Gauge(
+    P + "auth_ok", "1 while TikTok accepts the access token, 0 during an auth outage.", registry=REGISTRY
+)
+REBALANCES = Counter(P + "rebalances_total", "Partition assignment changes.", ["event"], registry=REGISTRY)
+LAST_UPLOAD = Gauge(
+    P + "last_upload_success_timestamp_seconds",
+    "Unix time of the last acknowledged mapping request.",
+    registry=REGISTRY,
+)
+MAPPINGS_RELOADS = Counter(
+    P + "mappings_reloads_total", "Mappings file reloads, by outcome.", ["outcome"], registry=REGISTRY
+)
+MAPPINGS_ENTRIES = Gauge(
+    P + "mappings_entries", "Audience keys in the active mappings file.", registry=REGISTRY
+)

@@ -1,0 +1,575 @@
+"""The sync loop: the I/O edge that drives the pure core.
+
+One task owns the consumer (consume → resolve → batch → store offsets → pause/resume); uploads and dead letters
+run as their own tasks and report back by finishing records on the watermarks. Flush-then-commit is the one
+at-least-once mechanism: an offset is stored only when every record up to it is uploaded, skipped, superseded
+or dead-lettered with a broker ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from confluent_kafka import KafkaError, Message
+
+from . import metrics as m
+from .batcher import Batch, Batcher, Row
+from .dead_letters import DeadLetter, dead_letter_headers
+from .kafka.consumer import SourceConsumer
+from .kafka.producer import AsyncProducer, DeliveryError
+from .membership import Processed, Resolver
+from .model import AudienceChange, DlqReason, Rejected, Skipped
+from .retry import Backoff, TokenBucket
+from .tiktok.answers import Answer, Verdict
+from .tiktok.payloads import mapping_body
+from .watermarks import RecordRef, TopicPartition, Watermarks
+
+log = logging.getLogger(__name__)
+
+
+class Uploader(Protocol):
+    async def post_mapping(self, body: bytes) -> Answer: ...
+
+
+class SchemaFetcher(Protocol):
+    async def fetch(self, schema_id: int) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Source:
+    """A consumed record still being worked on: what a dead letter needs, and its identity for finishing."""
+
+    ref: RecordRef
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    timestamp_ms: int | None
+
+
+@dataclass(slots=True)
+class PipelineOptions:
+    max_inflight: int = 4
+    max_pending: int = 50_000
+    consume_batch: int = 1000
+    consume_timeout_s: float = 0.1
+    drain_timeout_s: float = 20.0
+    revoke_timeout_s: float = 10.0
+    auth_retry_s: float = 15.0
+    max_qps: float = 40.0
+    registry_retry_s: float = 5.0
+
+
+@dataclass(slots=True)
+class _Pauses:
+    """Why each partition is paused; a partition is resumed only when no reason is left."""
+
+    reasons: dict[TopicPartition, set[str]] = field(default_factory=dict)
+
+    def add(self, tps: Iterable[TopicPartition], reason: str) -> None:
+        for tp in tps:
+            self.reasons.setdefault(tp, set()).add(reason)
+
+    def remove(self, tps: Iterable[TopicPartition] | None, reason: str) -> None:
+        for tp in list(self.reasons) if tps is None else tps:
+            rs = self.reasons.get(tp)
+            if rs is not None:
+                rs.discard(reason)
+                if not rs:
+                    del self.reasons[tp]
+
+    def wanted(self) -> set[TopicPartition]:
+        return set(self.reasons)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        resolver: Resolver,
+        batcher: Batcher,
+        uploader: Uploader,
+        dlq: AsyncProducer,
+        dlq_topic: str,
+        backoff: Backoff,
+        options: PipelineOptions,
+        schema_fetcher: SchemaFetcher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.resolver = resolver
+        self.batcher = batcher
+        self.uploader = uploader
+        self.dlq = dlq
+        self.dlq_topic = dlq_topic
+        self.backoff = backoff
+        self.opt = options
+        self.schema_fetcher = schema_fetcher
+        self.clock = clock
+        self.bucket = TokenBucket(options.max_qps, clock=clock)
+        self.watermarks = Watermarks()
+        self.live: dict[RecordRef, Source] = {}
+        self.consumer: SourceConsumer | None = None
+        self.pauses = _Pauses()
+        self._paused: set[TopicPartition] = set()
+        self._sending = 0
+        self._send_slots = asyncio.Semaphore(options.max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._closing = False
+        self.auth_ok = True
+        self.heartbeat = clock()
+        self.broker_ok = True
+        self.started = False
+        m.RATE_LIMIT_QPS.set(options.max_qps)
+        m.AUTH_OK.set(1)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def run(self, consumer: SourceConsumer, stop: asyncio.Event) -> None:
+        self.consumer = consumer
+        await consumer.start()
+        self.started = True
+        dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
+        try:
+            while not stop.is_set():
+                msgs = await consumer.consume(self.opt.consume_batch, self.opt.consume_timeout_s)
+                self.heartbeat = self.clock()
+                if msgs:
+                    await self._process(msgs)
+                    self._wake.set()
+                await self._sync_consumer()
+            await self._drain()
+        finally:
+            self._closing = True
+            dispatcher.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(dispatcher, *self._tasks, return_exceptions=True)
+            await consumer.close()
+
+    async def _drain(self) -> None:
+        """SIGTERM: stop fetching, flush everything within the deadline, store and commit what finished."""
+        assert self.consumer is not None
+        self._draining = True
+        self._wake.set()
+        deadline = self.clock() + self.opt.drain_timeout_s
+        while self.watermarks.pending() and self.clock() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.watermarks.pending()
+        if left:
+            log.warning("drain deadline passed with %d records unfinished; they will be consumed again", left)
+        await self._store_offsets()
+        await self.consumer.commit()
+        log.info("drained: offsets committed")
+
+    # -- intake ---------------------------------------------------------------------------------------------
+
+    async def _process(self, msgs: list[Message]) -> None:
+        skip: set[TopicPartition] = set()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                continue
+            tp = TopicPartition(msg.topic(), msg.partition())
+            if tp in skip:
+                continue
+            value, headers = msg.value(), msg.headers()
+            try:
+                processed = self.resolver.process(value, headers)
+            except Exception as exc:  # only SchemaNotLoaded is expected: fetch, then decide
+                processed_or_none = await self._with_schema(exc, value, headers)
+                if processed_or_none is None:
+                    skip.add(tp)
+                    await self._retry_partition_later(tp, msg.offset())
+                    continue
+                processed = processed_or_none
+            self._accept(msg, tp, processed)
+        m.PENDING.set(self.watermarks.pending())
+
+    async def _with_schema(
+        self, exc: Exception, value: bytes | None, headers: list[tuple[str, bytes]] | None
+    ) -> Processed | None:
+        from .events import SchemaNotLoaded
+        from .schema_registry import RegistryUnavailable
+
+        if not isinstance(exc, SchemaNotLoaded):
+            raise exc
+        if self.schema_fetcher is None:
+            return Processed(
+                Rejected(
+                    DlqReason.INVALID_PAYLOAD,
+                    f"Confluent-framed Avro with schema id {exc.schema_id}, but SCHEMA_REGISTRY_URL is not set",
+                ),
+                (),
+                "confluent_avro",
+            )
+        try:
+            await self.schema_fetcher.fetch(exc.schema_id)
+        except RegistryUnavailable as unavailable:
+            log.warning("schema registry unavailable (%s); partition will retry", unavailable)
+            return None
+        return self.resolver.process(value, headers)
+
+    async def _retry_partition_later(self, tp: TopicPartition, offset: int) -> None:
+        """Valid data is never dead-lettered for a registry outage: rewind, pause, and come back later."""
+        assert self.consumer is not None
+        await self.consumer.seek(tp, offset)
+        reason = f"registry:{offset}"
+        self.pauses.add([tp], reason)
+
+        def lift() -> None:
+            self.pauses.remove([tp], reason)
+
+        asyncio.get_running_loop().call_later(self.opt.registry_retry_s, lift)
+
+    def _accept(self, msg: Message, tp: TopicPartition, processed: Processed) -> None:
+        ref = RecordRef(tp.topic, tp.partition, msg.offset())
+        ts_type, ts = msg.timestamp()
+        src = Source(ref, msg.key(), msg.value(), msg.headers(), ts if ts_type else None)
+        self.watermarks.track(ref)
+        self.live[ref] = src
+        m.EVENTS_CONSUMED.labels(tp.topic).inc()
+        for me in processed.match_errors:
+            m.MATCH_ERRORS.labels(me.id_type, me.reason).inc()
+            m.IDENTIFIERS.labels(me.id_type, "invalid").inc()
+        outcome = processed.outcome
+        if isinstance(outcome, AudienceChange):
+            for t, _ in outcome.identifiers:
+                m.IDENTIFIERS.labels(t, "valid").inc()
+            for old in self.batcher.add(ref, outcome, src):
+                m.EVENTS_SUPERSEDED.inc()
+                self._finish(old.ref, old.source)
+        elif isinstance(outcome, Skipped):
+            m.EVENTS_SKIPPED.labels(outcome.reason).inc()
+            self._finish(ref, src)
+        else:
+            self._spawn(self._dead_letter(src, DeadLetter(outcome.reason, outcome.error)))
+
+    def _finish(self, ref: RecordRef, source: Any) -> None:
+        """A record reached a final outcome; stale completions (revoked, re-consumed) are ignored."""
+        if self.live.get(ref) is source and source is not None:
+            del self.live[ref]
+            self.watermarks.finish(ref)
+
+    def _is_live(self, row: Row) -> bool:
+        return row.source is not None and self.live.get(row.ref) is row.source
+
+    # -- consumer housekeeping ------------------------------------------------------------------------------
+
+    async def _sync_consumer(self) -> None:
+        await self._store_offsets()
+        pending = self.watermarks.pending()
+        m.PENDING.set(pending)
+        assert self.consumer is not None
+        assigned = set(self.consumer.assigned)
+        if pending >= self.opt.max_pending:
+            self.pauses.add(assigned, "backpressure")
+        elif pending <= self.opt.max_pending // 2:
+            self.pauses.remove(None, "backpressure")
+        if not self.auth_ok:
+            self.pauses.add(assigned, "auth")
+        else:
+            self.pauses.remove(None, "auth")
+        wanted = self.pauses.wanted() & assigned
+        to_pause = wanted - self._paused
+        to_resume = (self._paused - wanted) & assigned
+        if to_pause:
+            await self.consumer.pause(sorted(to_pause))
+        if to_resume:
+            await self.consumer.resume(sorted(to_resume))
+        self._paused = wanted
+        m.PAUSED_PARTITIONS.set(len(wanted))
+
+    async def _store_offsets(self) -> None:
+        assert self.consumer is not None
+        offsets = self.watermarks.take_committable()
+        if offsets:
+            await self.consumer.store(offsets)
+
+    async def on_assign(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        m.REBALANCES.labels("assign").inc()
+        log.info("assigned %s", _fmt(tps))
+        self.watermarks.forget(tps)  # a fresh start from the committed offset
+        # Newly assigned partitions start unpaused; re-apply global pauses (Kafka Connect does the same).
+        return list(tps) if (not self.auth_ok or self.watermarks.pending() >= self.opt.max_pending) else []
+
+    async def on_revoke(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Flush the revoked partitions' work within the deadline; commit what finished, drop the rest."""
+        m.REBALANCES.labels("revoke").inc()
+        log.info("revoked %s", _fmt(tps))
+        if not self._closing:
+            deadline = self.clock() + self.opt.revoke_timeout_s
+            self._draining = True
+            self._wake.set()
+            try:
+                while any(self.watermarks.pending(tp) for tp in tps) and self.clock() < deadline:
+                    await asyncio.sleep(0.02)
+            finally:
+                self._draining = False
+        offsets = {tp: c for tp in tps if (c := self.watermarks.committable(tp)) is not None}
+        self._forget(tps)
+        return offsets
+
+    async def on_lost(self, tps: list[TopicPartition]) -> None:
+        m.REBALANCES.labels("lost").inc()
+        log.warning("lost %s: their unfinished work is dropped uncommitted", _fmt(tps))
+        self._forget(tps)
+
+    def _forget(self, tps: list[TopicPartition]) -> None:
+        gone = set(tps)
+        self.batcher.drop_partitions(gone)
+        self.watermarks.forget(tps)
+        for ref in [r for r in self.live if r.tp in gone]:
+            del self.live[ref]
+        self.pauses.remove(tps, "backpressure")
+        for tp in gone:
+            self.pauses.reasons.pop(tp, None)
+            self._paused.discard(tp)
+            if tp in _LAG_SERIES:
+                _LAG_SERIES.discard(tp)
+                m.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+
+    # -- uploads --------------------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            deadline = self.batcher.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock()) + 0.001
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if not self.auth_ok:
+            return
+        free = self.opt.max_inflight - self._sending
+        if free <= 0:
+            return
+        for batch in self.batcher.ready(limit=free, force=self._draining):
+            m.BATCHES_SENT.labels(batch.action.value, batch.trigger).inc()
+            m.ROWS_SENT.labels(batch.action.value).inc(len(batch.rows))
+            m.BATCH_ROWS.observe(len(batch.rows))
+            self._sending += 1
+            self._spawn(self._send(batch, counted=True))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    async def _send(self, batch: Batch, *, counted: bool = False) -> None:
+        """Upload one batch to a final outcome: success, dead letters, or (revoked) nothing."""
+        first_failure: float | None = None
+        attempt = 0
+        try:
+            while True:
+                live = [r for r in batch.rows if self._is_live(r)]
+                if len(live) != len(batch.rows):
+                    self.batcher.release([r for r in batch.rows if not self._is_live(r)])
+                    batch.rows = live
+                if not batch.rows:
+                    return
+                if not counted:
+                    self._sending += 1
+                    counted = True
+                answer = await self._post(batch)
+                self._sending -= 1
+                counted = False
+                self._wake.set()
+                v = answer.verdict
+                if v is Verdict.SUCCESS:
+                    self._uploaded(batch, answer)
+                    return
+                if v is Verdict.AUTH:
+                    await self._auth_outage(answer)
+                    continue
+                if self.auth_ok is False:
+                    self._auth_restored()
+                if v in (Verdict.SPLIT, Verdict.REJECTED) and len(batch.rows) > 1:
+                    half = len(batch.rows) // 2
+                    for part in (batch.rows[:half], batch.rows[half:]):
+                        self._spawn(self._send(Batch(batch.id, batch.key, part, "split", batch.attempts)))
+                    return
+                if v in (Verdict.SPLIT, Verdict.REJECTED):
+                    await self._dead_letter_rows(batch, DlqReason.TIKTOK_REJECTED, answer)
+                    return
+                if v is Verdict.PERMISSION:
+                    await self._dead_letter_rows(batch, DlqReason.TIKTOK_PERMISSION, answer)
+                    return
+                # RETRY
+                now = self.clock()
+                if first_failure is None:
+                    first_failure = now
+                attempt += 1
+                delay = self.backoff.delay(attempt, answer.retry_after_s)
+                if self.backoff.exhausted(first_failure, now, delay):
+                    await self._dead_letter_rows(batch, DlqReason.RETRIES_EXHAUSTED, answer)
+                    return
+                if answer.rate_limited:
+                    self.bucket.throttled()
+                    m.RATE_LIMIT_QPS.set(self.bucket.rate)
+                m.RETRIES.labels(_retry_cause(answer)).inc()
+                reason = f"backoff:{id(batch)}"
+                self.pauses.add({r.ref.tp for r in batch.rows}, reason)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.pauses.remove(None, reason)
+        finally:
+            if counted:
+                self._sending -= 1
+                self._wake.set()
+
+    async def _post(self, batch: Batch) -> Answer:
+        batch.attempts += 1
+        body = mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows)
+        while (wait := self.bucket.acquire()) > 0:
+            m.RATE_LIMIT_WAIT.inc(wait)
+            await asyncio.sleep(wait)
+        async with self._send_slots:
+            m.INFLIGHT.inc()
+            t0 = time.perf_counter()
+            try:
+                answer = await self.uploader.post_mapping(body)
+            finally:
+                m.INFLIGHT.dec()
+        m.UPLOAD_DURATION.labels(answer.status_class).observe(time.perf_counter() - t0)
+        m.TIKTOK_ANSWERS.labels(answer.status_class, answer.verdict.value).inc()
+        if answer.code == 20001:
+            log.info("TikTok answered PARTIAL_OK (request_id=%s)", answer.request_id)
+        return answer
+
+    def _uploaded(self, batch: Batch, answer: Answer) -> None:
+        self.batcher.release(batch.rows)
+        now_ms = time.time() * 1000
+        m.LAST_UPLOAD.set(now_ms / 1000)
+        m.EVENTS_UPLOADED.labels(batch.action.value).inc(len(batch.rows))
+        for row in batch.rows:
+            t = row.change.event_time_ms or (row.source.timestamp_ms if row.source else None)
+            if t:
+                m.EVENT_TO_ACK.observe(max(0.0, (now_ms - t) / 1000))
+            self._finish(row.ref, row.source)
+        if not self.auth_ok:
+            self._auth_restored()
+
+    async def _auth_outage(self, answer: Answer) -> None:
+        """Auth answers never dead-letter: pause everything, probe slowly, resume by itself."""
+        if self.auth_ok:
+            log.error(
+                "TikTok rejected the access token (code %s, request_id=%s): consumption paused until it works",
+                answer.code,
+                answer.request_id,
+            )
+        self.auth_ok = False
+        m.AUTH_OK.set(0)
+        await asyncio.sleep(self.opt.auth_retry_s)
+
+    def _auth_restored(self) -> None:
+        log.info("TikTok accepts the access token again: resuming")
+        self.auth_ok = True
+        m.AUTH_OK.set(1)
+        self._wake.set()
+
+    # -- dead letters ---------------------------------------------------------------------------------------
+
+    async def _dead_letter_rows(self, batch: Batch, reason: DlqReason, answer: Answer) -> None:
+        error = _answer_error(reason, answer, len(batch.rows))
+        letters = [
+            self._dead_letter(
+                row.source,
+                DeadLetter(reason, error, batch.attempts, answer.code, answer.request_id),
+            )
+            for row in batch.rows
+            if self._is_live(row)
+        ]
+        await asyncio.gather(*letters)
+        self.batcher.release(batch.rows)
+
+    async def _dead_letter(self, src: Source, letter: DeadLetter) -> None:
+        """Write the letter, retrying until the broker acks it (the offset waits), then finish the record."""
+        headers = dead_letter_headers(src.headers, src.ref, letter, datetime.now(UTC))
+        attempt = 0
+        while self.live.get(src.ref) is src:
+            try:
+                await self.dlq.send(
+                    self.dlq_topic,
+                    key=src.key,
+                    value=src.value,
+                    headers=headers,
+                    timestamp_ms=src.timestamp_ms,
+                )
+            except DeliveryError as exc:
+                attempt += 1
+                m.DEAD_LETTER_FAILURES.inc()
+                log.error("dead-letter write failed (attempt %d): %s", attempt, exc)
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+                continue
+            m.EVENTS_DEAD_LETTERED.labels(letter.reason.value).inc()
+            self._finish(src.ref, src)
+            return
+
+    # -- statistics -----------------------------------------------------------------------------------------
+
+    def on_stats(self, stats_json: str) -> None:
+        """librdkafka statistics (consumer thread): lag of stored offsets per assigned partition."""
+        try:
+            stats = orjson.loads(stats_json)
+        except orjson.JSONDecodeError:
+            return
+        for topic, t in (stats.get("topics") or {}).items():
+            for pid, p in (t.get("partitions") or {}).items():
+                if pid == "-1" or p.get("fetch_state") in ("none", "stopped"):
+                    continue
+                lag = p.get("consumer_lag_stored", p.get("consumer_lag", -1))
+                if isinstance(lag, int) and lag >= 0:
+                    m.CONSUMER_LAG.labels(topic, pid).set(lag)
+                    _LAG_SERIES.add(TopicPartition(topic, int(pid)))
+
+    def on_error(self, err: KafkaError) -> None:
+        self.broker_ok = err.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+        log.warning("kafka: %s", err)
+
+
+_LAG_SERIES: set[TopicPartition] = set()
+
+
+def _retry_cause(answer: Answer) -> str:
+    if answer.rate_limited:
+        return "rate_limited"
+    if answer.http_status is None:
+        return answer.status_class
+    if answer.http_status >= 500:
+        return "http_5xx"
+    return "tiktok_code" if answer.code is not None else "http_other"
+
+
+def _answer_error(reason: DlqReason, answer: Answer, rows: int) -> str:
+    where = f"HTTP {answer.http_status}" if answer.http_status is not None else answer.status_class
+    code = f", code {answer.code}" if answer.code is not None else ""
+    what = {
+        DlqReason.TIKTOK_REJECTED: "TikTok refused this row",
+        DlqReason.TIKTOK_PERMISSION: "TikTok denied access to the advertiser or audience",
+        DlqReason.RETRIES_EXHAUSTED: "retry budget spent without a successful upload",
+    }.get(reason, "upload failed")
+    return f"{what} ({where}{code}: {answer.message or 'no message'})"
+
+
+def _fmt(tps: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "nothing"

@@ -1,0 +1,78 @@
+"""Backoff and rate limiting, pure with an injected clock and random source.
+
+Exponential backoff with full jitter (AWS architecture blog's recommendation, as Kafka Connect does past its
+cap) bounded per attempt and by a total budget; a token bucket whose rate backs off multiplicatively on
+TikTok's rate-limit codes and recovers additively (AIMD).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Backoff:
+    base_s: float = 0.5
+    max_s: float = 30.0
+    budget_s: float = 300.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Sleep before retry number `attempt` (1-based); TikTok's `Retry-After` is a floor."""
+        cap = min(self.max_s, self.base_s * (2 ** min(attempt - 1, 30)))
+        d = self.rng.uniform(0, cap)
+        if retry_after_s is not None:
+            d = max(d, min(retry_after_s, self.max_s))
+        return d
+
+    def exhausted(self, first_failure_at: float, now: float, next_delay: float) -> bool:
+        """True when waiting `next_delay` more would pass the total retry budget."""
+        return now + next_delay - first_failure_at > self.budget_s
+
+
+class TokenBucket:
+    """Request-rate limiter shared by all in-flight uploads, with AIMD on rate-limit answers."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float],
+        burst: float | None = None,
+        min_rate: float = 0.5,
+        decrease: float = 0.5,
+        recover_per_s: float | None = None,
+    ) -> None:
+        self.max_rate = rate
+        self.rate = rate
+        self.min_rate = min(min_rate, rate)
+        self._decrease = decrease
+        self._recover = recover_per_s if recover_per_s is not None else max(rate / 20.0, 0.1)
+        self._burst = burst if burst is not None else max(1.0, rate / 10.0)
+        self._clock = clock
+        self._tokens = self._burst
+        self._last = clock()
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self._last)
+        self._last = now
+        if self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate + self._recover * elapsed)
+        self._tokens = min(self._burst, self._tokens + elapsed * self.rate)
+
+    def acquire(self) -> float:
+        """Take a token; returns 0 when granted, else the seconds to wait before asking again."""
+        now = self._clock()
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def throttled(self) -> None:
+        """TikTok said "too frequent": halve the rate (not below `min_rate`) and drop the saved burst."""
+        self._refill(self._clock())
+        self.rate = max(self.min_rate, self.rate * self._decrease)
+        self._tokens = min(self._tokens, 0.0)

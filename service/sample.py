@@ -1,0 +1,167 @@
+"""`audience-sync produce-sample`: realistic Segment Engage audience traffic, seeded and reproducible.
+
+The same generator feeds `make run`, the integration tests (which compute the expected TikTok state from it)
+and the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+
+ADVERTISER_ID = "7000000000000000001"
+
+
+@dataclass(frozen=True, slots=True)
+class SampleAudience:
+    key: str
+    audience_id: str
+    advertiser_id: str = ADVERTISER_ID
+
+
+DEFAULT_AUDIENCES = (
+    SampleAudience("high_value_customers", "1100000001"),
+    SampleAudience("cart_abandoners", "1100000002"),
+    SampleAudience("lapsed_subscribers", "1100000003"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SampleUser:
+    user_id: str
+    email: str | None
+    phone: str | None
+    ad_id: str | None
+    device_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleEvent:
+    key: bytes
+    value: bytes
+    user: SampleUser
+    audience: SampleAudience
+    entered: bool
+
+
+def make_users(n: int, rng: random.Random, identifiers: str = "mixed") -> list[SampleUser]:
+    users = []
+    for i in range(n):
+        email = phone = ad_id = device = None
+        if identifiers in ("mixed", "email"):
+            email = f"  User{i}.Sample@Example.com " if i % 7 == 0 else f"user{i}@example.com"
+        if identifiers in ("mixed", "phone") and (identifiers == "phone" or i % 2 == 0):
+            phone = (
+                f"+1415{5550000 + i % 10_000_000:07d}"
+                if i % 3
+                else f"(415) {555 + i % 400:03d}-{i % 10000:04d}"
+            )
+        if identifiers == "mixed" and i % 3 == 0:
+            ad_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            device = "android" if i % 2 else "ios"
+        users.append(SampleUser(f"user-{i}", email, phone, ad_id, device))
+    return users
+
+
+def segment_event(
+    user: SampleUser, audience: SampleAudience, entered: bool, *, with_ids: bool = True
+) -> dict[str, object]:
+    """An Engage "Audience Entered/Exited" track event shaped like Segment's fixtures."""
+    personas: dict[str, object] = {
+        "computation_class": "audience",
+        "computation_id": f"aud_{audience.key}",
+        "computation_key": audience.key,
+        "namespace": "spa_sample",
+        "space_id": "spa_sample",
+    }
+    if with_ids:
+        personas["external_audience_id"] = audience.audience_id
+        personas["audience_settings"] = {"advertiserId": audience.advertiser_id}
+    traits: dict[str, object] = {}
+    if user.email:
+        traits["email"] = user.email
+    if user.phone:
+        traits["phone"] = user.phone
+    context: dict[str, object] = {"personas": personas, "traits": traits}
+    if user.ad_id:
+        context["device"] = {"advertisingId": user.ad_id, "type": user.device_type}
+    return {
+        "type": "track",
+        "event": "Audience Entered" if entered else "Audience Exited",
+        "userId": user.user_id,
+        "messageId": f"personas_{uuid.uuid4().hex}",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "context": context,
+        "properties": {"audience_key": audience.key, audience.key: entered},
+    }
+
+
+def generate(
+    count: int,
+    *,
+    seed: int = 1,
+    users: int = 1000,
+    audiences: tuple[SampleAudience, ...] = DEFAULT_AUDIENCES,
+    identifiers: str = "mixed",
+    with_ids: bool = True,
+) -> Iterator[SampleEvent]:
+    """`count` membership events over `users` users; about 70% enters, 30% exits."""
+    rng = random.Random(seed)
+    people = make_users(users, rng, identifiers)
+    for _ in range(count):
+        user = people[rng.randrange(len(people))]
+        audience = audiences[rng.randrange(len(audiences))]
+        entered = rng.random() < 0.7
+        doc = segment_event(user, audience, entered, with_ids=with_ids)
+        yield SampleEvent(user.user_id.encode(), orjson.dumps(doc), user, audience, entered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audience-sync produce-sample", description=__doc__)
+    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    p.add_argument("--topic", default=os.environ.get("SOURCE_TOPIC", "audience-membership").split(",")[0])
+    p.add_argument("--count", type=int, default=10_000, help="events to produce (default 10000)")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--identifiers", choices=("mixed", "email", "phone"), default="mixed")
+    args = p.parse_args(argv)
+    if not args.bootstrap:
+        print(
+            "audience-sync produce-sample: --bootstrap or KAFKA_BOOTSTRAP_SERVERS is required",
+            file=sys.stderr,
+        )
+        return 2
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "linger.ms": 20})
+    start = time.monotonic()
+    sent = 0
+    for ev in generate(args.count, seed=args.seed, users=args.users, identifiers=args.identifiers):
+        while True:
+            try:
+                producer.produce(args.topic, key=ev.key, value=ev.value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        sent += 1
+        if args.rate > 0:
+            ahead = sent / args.rate - (time.monotonic() - start)
+            if ahead > 0:
+                producer.poll(0)
+                time.sleep(ahead)
+        if sent % 10_000 == 0:
+            producer.poll(0)
+    left = producer.flush(30)
+    elapsed = time.monotonic() - start
+    print(f"produced {sent - left} events to {args.topic} in {elapsed:.1f}s", file=sys.stderr)
+    return 0 if left == 0 else 1

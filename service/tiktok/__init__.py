@@ -1,0 +1,1 @@
+"""TikTok Business API: request bodies, answer classification, and the HTTP client edge."""

@@ -1,0 +1,93 @@
+"""The HTTP edge to TikTok: one shared aiohttp session, `Access-Token` header, answers classified."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .answers import Answer, Verdict, classify
+
+MAX_MESSAGE = 200
+
+
+class TikTokClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: Callable[[], str],
+        *,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def post_mapping(self, body: bytes) -> Answer:
+        return await self._call("POST", "/segment/mapping/", data=body)
+
+    async def post_json(self, path: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
+        return await self._call_with_data("POST", path, data=orjson.dumps(payload))
+
+    async def get(self, path: str, params: dict[str, str]) -> tuple[Answer, dict[str, Any]]:
+        return await self._call_with_data("GET", path, params=params)
+
+    async def _call(self, method: str, path: str, **kw: Any) -> Answer:
+        answer, _ = await self._call_with_data(method, path, **kw)
+        return answer
+
+    async def _call_with_data(self, method: str, path: str, **kw: Any) -> tuple[Answer, dict[str, Any]]:
+        headers = {"Access-Token": self._token(), "Content-Type": "application/json"}
+        try:
+            async with self._session.request(
+                method, self._base + path, headers=headers, timeout=self._timeout, **kw
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            return Answer(Verdict.RETRY, None, None, "timeout: no answer in time"), {}
+        except aiohttp.ClientError as exc:
+            return Answer(Verdict.RETRY, None, None, f"connection: {type(exc).__name__}"), {}
+        except asyncio.CancelledError:
+            raise
+        envelope = _envelope(raw)
+        code = envelope.get("code") if isinstance(envelope.get("code"), int) else None
+        message = envelope.get("message")
+        if not isinstance(message, str):
+            message = "" if envelope else f"HTTP {status}, body is not TikTok's envelope"
+        request_id = envelope.get("request_id")
+        data = envelope.get("data")
+        return (
+            Answer(
+                classify(status, code),
+                status,
+                code,
+                message[:MAX_MESSAGE],
+                request_id if isinstance(request_id, str) else None,
+                retry_after,
+            ),
+            data if isinstance(data, dict) else {},
+        )
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # HTTP-date form: ignored, backoff applies
