@@ -7,6 +7,7 @@ and the benchmark.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import sys
@@ -36,11 +37,42 @@ DEFAULT_AUDIENCES = (
 
 @dataclass(frozen=True, slots=True)
 class SampleUser:
+    """Raw identifiers as a CDP would send them, and the normalised forms TikTok should receive hashed."""
+
     user_id: str
     email: str | None
     phone: str | None
     ad_id: str | None
     device_type: str | None
+    canonical: tuple[tuple[str, str], ...] = ()
+
+    def expected_hashes(self) -> dict[str, str]:
+        return {t: hashlib.sha256(v.encode()).hexdigest() for t, v in self.canonical}
+
+
+def make_users(n: int, rng: random.Random, identifiers: str = "mixed") -> list[SampleUser]:
+    """Unique identifiers per user, some in messy forms (case, spaces, national phone numbers)."""
+    users = []
+    for i in range(n):
+        email = phone = ad_id = device = None
+        canonical: list[tuple[str, str]] = []
+        if identifiers in ("mixed", "email"):
+            email = f"  User{i}.Sample@Example.com " if i % 7 == 0 else f"user{i}@example.com"
+            canonical.append(("EMAIL_SHA256", email.strip().lower()))
+        if identifiers == "phone" or (identifiers == "mixed" and i % 2 == 0):
+            if i % 3:
+                phone = f"+1415{2_000_000 + i % 8_000_000:07d}"
+                canonical.append(("PHONE_SHA256", phone))
+            else:
+                exchange, line = 200 + (i // 10_000) % 800, i % 10_000
+                phone = f"(628) {exchange:03d}-{line:04d}"
+                canonical.append(("PHONE_SHA256", f"+1628{exchange:03d}{line:04d}"))
+        if identifiers == "mixed" and i % 3 == 0:
+            ad_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            device = "android" if i % 2 else "ios"
+            canonical.append(("AAID_SHA256" if device == "android" else "IDFA_SHA256", ad_id))
+        users.append(SampleUser(f"user-{i}", email, phone, ad_id, device, tuple(canonical)))
+    return users
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,23 +84,17 @@ class SampleEvent:
     entered: bool
 
 
-def make_users(n: int, rng: random.Random, identifiers: str = "mixed") -> list[SampleUser]:
-    users = []
-    for i in range(n):
-        email = phone = ad_id = device = None
-        if identifiers in ("mixed", "email"):
-            email = f"  User{i}.Sample@Example.com " if i % 7 == 0 else f"user{i}@example.com"
-        if identifiers in ("mixed", "phone") and (identifiers == "phone" or i % 2 == 0):
-            phone = (
-                f"+1415{5550000 + i % 10_000_000:07d}"
-                if i % 3
-                else f"(415) {555 + i % 400:03d}-{i % 10000:04d}"
-            )
-        if identifiers == "mixed" and i % 3 == 0:
-            ad_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            device = "android" if i % 2 else "ios"
-        users.append(SampleUser(f"user-{i}", email, phone, ad_id, device))
-    return users
+def expected_membership(events: list[SampleEvent]) -> dict[str, dict[str, set[str]]]:
+    """TikTok's state after `events` in order: the last event per user and audience wins."""
+    last: dict[tuple[str, str], SampleEvent] = {}
+    for ev in events:
+        last[(ev.audience.audience_id, ev.user.user_id)] = ev
+    out: dict[str, dict[str, set[str]]] = {}
+    for (aud, _), ev in last.items():
+        if ev.entered:
+            for t, h in ev.user.expected_hashes().items():
+                out.setdefault(aud, {}).setdefault(t, set()).add(h)
+    return out
 
 
 def segment_event(

@@ -1,0 +1,545 @@
+"""In-memory advertisers, audiences and membership of the TikTok sandbox, and its strict request validation.
+
+Pure: no I/O, and wall-clock time comes from an injected clock, so every strictness rule is unit-testable with
+literals. Validation is separated from application so a request is applied all-or-nothing. A lock guards the
+state because `SandboxThread` lets tests read it from another thread while the server's loop mutates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal
+
+# TikTok return codes the sandbox answers (reference §4.2, official SDK table).
+OK: Final = 0
+PERMISSION_ERROR: Final = 40001
+PARAM_ERROR: Final = 40002
+NOT_EXIST: Final = 40007
+INVALID_BATCH_SIZE: Final = 40061
+PII_NOT_HASHED: Final = 40062
+REQUEST_TOO_FREQUENT: Final = 40100
+EMPTY_ACCESS_TOKEN: Final = 40104
+INVALID_ACCESS_TOKEN: Final = 40105
+ADVERTISER_NOT_EXIST: Final = 40300
+
+# Default messages, also used by injected `code` faults that do not bring their own.
+CODE_MESSAGES: Final[Mapping[int, str]] = {
+    OK: "OK",
+    PERMISSION_ERROR: "No permission to operate the advertiser.",
+    PARAM_ERROR: "Parameter error.",
+    NOT_EXIST: "The object does not exist.",
+    INVALID_BATCH_SIZE: "INVALID_BATCH_SIZE: too many rows in batch_data.",
+    PII_NOT_HASHED: "PII_NOT_HASHED: identifiers must be hashed.",
+    REQUEST_TOO_FREQUENT: "Too many requests. Please retry in some time.",
+    40102: "Access token has expired.",
+    EMPTY_ACCESS_TOKEN: "Access token is null, please check the access token.",
+    INVALID_ACCESS_TOKEN: "Access token is incorrect or has been revoked.",
+    40132: "Request frequency limited.",
+    ADVERTISER_NOT_EXIST: "Advertiser does not exist.",
+    50000: "System error.",
+    50002: "System timeout.",
+    51003: "DMP service error.",
+    51010: "Internal timeout.",
+    51063: "Segment gateway service error.",
+    60001: "System maintenance.",
+}
+
+SHA256_TYPES: Final = frozenset({"EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"})
+MD5_TYPES: Final = frozenset({"IDFA_MD5", "AAID_MD5"})
+ID_SCHEMA_TYPES: Final = SHA256_TYPES | MD5_TYPES
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_MD5_RE: Final = re.compile(r"[0-9a-f]{32}")
+_TIME_FMT: Final = "%Y-%m-%d %H:%M:%S"
+_NAME_MAX: Final = 70
+_RETENTION: Final = timedelta(days=365)
+MAX_PAGE_SIZE: Final = 100
+
+Action = Literal["add", "delete"]
+
+
+class ApiError(Exception):
+    """A TikTok-style refusal: answered as HTTP 200 with a non-zero `code`, never applied."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        self.code = code
+        self.message = message if message is not None else CODE_MESSAGES.get(code, "Error.")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def param_error(detail: str) -> ApiError:
+    return ApiError(PARAM_ERROR, f"Parameter error: {detail}")
+
+
+@dataclass(slots=True)
+class Advertiser:
+    advertiser_id: str
+    name: str
+    permission_denied: bool = False
+
+
+@dataclass(slots=True)
+class Audience:
+    audience_id: str
+    advertiser_id: str
+    name: str
+    create_time: datetime
+    members: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def cover_num(self) -> int:
+        """Sum over id types: TikTok's real figure is a matched-user estimate, unknowable offline."""
+        return sum(len(ids) for ids in self.members.values())
+
+
+@dataclass(frozen=True, slots=True)
+class MappingCell:
+    id_type: str
+    id: str
+    audience_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MappingRequest:
+    """A `segment/mapping` body that passed every check; applying it cannot fail."""
+
+    advertiser_ids: tuple[str, ...]
+    action: Action
+    id_schema: tuple[str, ...]
+    rows: int
+    cells: tuple[MappingCell, ...]
+    # (audience_id, advertiser_id) pairs to create first; only non-empty with auto_create.
+    new_audiences: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One TikTok request as tests see it: enough to assert rates, order and outcome, never identifiers."""
+
+    t: float
+    path: str
+    action: str | None
+    advertiser_ids: list[str] | None
+    rows: int | None
+    status: int
+    code: int | None
+    fault: str | None = None
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fmt(t: datetime) -> str:
+    return t.strftime(_TIME_FMT)
+
+
+def truncate_name(name: str) -> str:
+    """TikTok stores names over 70 characters as the first 67 plus "..." (segment/audience doc)."""
+    return name if len(name) <= _NAME_MAX else name[: _NAME_MAX - 3] + "..."
+
+
+def _require(body: Mapping[str, object], key: str) -> object:
+    if key not in body or body[key] is None:
+        raise param_error(f"{key}: required")
+    return body[key]
+
+
+def _str_list(value: object, name: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise param_error(f"{name}: must be a non-empty list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise param_error(f"{name}[{i}]: must be a non-empty string")
+    return list(value)
+
+
+def _non_empty_str(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise param_error(f"{name}: must be a non-empty string")
+    return value
+
+
+def parse_json_list_param(raw: str | None, name: str) -> list[str]:
+    """TikTok passes id lists in GET queries as a JSON array string (`["1","2"]`)."""
+    if raw is None or raw == "":
+        raise param_error(f"{name}: required")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise param_error(f"{name}: must be a JSON array of strings") from None
+    if isinstance(value, list):
+        # Clients commonly send numeric ids unquoted in the query's JSON: accept ints, compare as strings.
+        value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return _str_list(value, name)
+
+
+def parse_int_param(raw: str | None, name: str, *, default: int, lo: int, hi: int | None = None) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise param_error(f"{name}: must be an integer") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise param_error(f"{name}: must be {bound}")
+    return value
+
+
+class SandboxState:
+    """Advertisers, audiences, membership and request bookkeeping of one sandbox."""
+
+    def __init__(
+        self,
+        *,
+        max_rows_per_request: int = 10_000,
+        auto_create: bool = False,
+        request_log_size: int = 10_000,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.max_rows_per_request = max_rows_per_request
+        self.auto_create = auto_create
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.advertisers: dict[str, Advertiser] = {}
+        self.audiences: dict[str, Audience] = {}
+        self.request_counts: Counter[str] = Counter()
+        self.rejected_counts: Counter[int] = Counter()
+        self.fault_counts: Counter[str] = Counter()
+        self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
+        self._next_audience_id = 1_000_000_001
+
+    # -- registration ---------------------------------------------------------------------------------------
+
+    def add_advertiser(
+        self, advertiser_id: str, name: str | None = None, *, permission_denied: bool = False
+    ) -> str:
+        if not advertiser_id:
+            raise ValueError("advertiser_id must be non-empty")
+        with self._lock:
+            self.advertisers[advertiser_id] = Advertiser(
+                advertiser_id, name or f"Sandbox advertiser {advertiser_id}", permission_denied
+            )
+        return advertiser_id
+
+    def add_audience(
+        self, advertiser_id: str, audience_id: str | None = None, name: str | None = None
+    ) -> str:
+        """Register an audience as if created earlier in TikTok; raises KeyError for an unknown advertiser."""
+        with self._lock:
+            if advertiser_id not in self.advertisers:
+                raise KeyError(f"unknown advertiser {advertiser_id}")
+            aid = audience_id or self._new_audience_id()
+            if aid in self.audiences and self.audiences[aid].advertiser_id != advertiser_id:
+                raise ValueError(f"audience {aid} already belongs to another advertiser")
+            if aid not in self.audiences:
+                self.audiences[aid] = Audience(
+                    aid, advertiser_id, truncate_name(name or f"Sandbox audience {aid}"), self._clock()
+                )
+            return aid
+
+    def _new_audience_id(self) -> str:
+        while str(self._next_audience_id) in self.audiences:
+            self._next_audience_id += 1
+        aid = str(self._next_audience_id)
+        self._next_audience_id += 1
+        return aid
+
+    def check_advertiser(self, advertiser_id: str) -> Advertiser:
+        adv = self.advertisers.get(advertiser_id)
+        if adv is None:
+            raise ApiError(ADVERTISER_NOT_EXIST, f"Advertiser {advertiser_id} does not exist.")
+        if adv.permission_denied:
+            raise ApiError(PERMISSION_ERROR, f"No permission to operate advertiser {advertiser_id}.")
+        return adv
+
+    # -- segment/mapping ------------------------------------------------------------------------------------
+
+    def validate_mapping(self, body: object) -> MappingRequest:
+        """Every check of `segment/mapping`; raises ApiError on the first failure and changes nothing."""
+        if not isinstance(body, dict):
+            raise param_error("request body must be a JSON object")
+        advertiser_ids = _str_list(_require(body, "advertiser_ids"), "advertiser_ids")
+        action = body.get("action", "add")  # TikTok documents "add" as the default
+        if action not in ("add", "delete"):
+            raise param_error("action: must be one of add, delete")
+        id_schema = self._validate_id_schema(_require(body, "id_schema"))
+        batch_data = _require(body, "batch_data")
+        if not isinstance(batch_data, list) or not batch_data:
+            raise param_error("batch_data: must be a non-empty list")
+        with self._lock:
+            for adv in advertiser_ids:
+                self.check_advertiser(adv)
+            if len(batch_data) > self.max_rows_per_request:
+                raise ApiError(
+                    INVALID_BATCH_SIZE,
+                    f"INVALID_BATCH_SIZE: batch_data has {len(batch_data)} rows, "
+                    f"at most {self.max_rows_per_request} allowed",
+                )
+            cells: list[MappingCell] = []
+            new_audiences: dict[str, str] = {}
+            for i, row in enumerate(batch_data):
+                cells.extend(self._validate_row(i, row, id_schema, advertiser_ids, new_audiences))
+        return MappingRequest(
+            advertiser_ids=tuple(advertiser_ids),
+            action="add" if action == "add" else "delete",
+            id_schema=id_schema,
+            rows=len(batch_data),
+            cells=tuple(cells),
+            new_audiences=tuple(new_audiences.items()),
+        )
+
+    @staticmethod
+    def _validate_id_schema(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise param_error("id_schema: must be a non-empty list")
+        schema: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or item.upper() not in ID_SCHEMA_TYPES:
+                raise param_error(f"id_schema[{i}]: must be one of {', '.join(sorted(ID_SCHEMA_TYPES))}")
+            if item.upper() in schema:
+                raise param_error(f"id_schema[{i}]: duplicate id type {item.upper()}")
+            schema.append(item.upper())
+        return tuple(schema)
+
+    def _validate_row(
+        self,
+        i: int,
+        row: object,
+        id_schema: tuple[str, ...],
+        advertiser_ids: Sequence[str],
+        new_audiences: dict[str, str],
+    ) -> list[MappingCell]:
+        if not isinstance(row, list):
+            raise param_error(f"batch_data[{i}]: must be a list")
+        if len(row) != len(id_schema):
+            raise param_error(
+                f"batch_data[{i}]: row length {len(row)} does not match id_schema length {len(id_schema)}"
+            )
+        cells: list[MappingCell] = []
+        for j, (cell, id_type) in enumerate(zip(row, id_schema, strict=True)):
+            where = f"batch_data[{i}][{j}]"
+            if not isinstance(cell, dict):
+                raise param_error(f"{where}: must be an object")
+            if not cell:
+                continue
+            extra = set(cell) - {"id", "audience_ids"}
+            if extra:
+                raise param_error(f"{where}: unknown field {sorted(extra)[0]}")
+            ident = cell.get("id")
+            if not isinstance(ident, str):
+                raise param_error(f"{where}.id: required string")
+            pattern = _SHA256_RE if id_type in SHA256_TYPES else _MD5_RE
+            if not pattern.fullmatch(ident):
+                kind = "SHA-256" if id_type in SHA256_TYPES else "MD5"
+                raise ApiError(
+                    PII_NOT_HASHED, f"PII_NOT_HASHED: {where}.id is not a lowercase hex {kind} digest"
+                )
+            audience_ids = _str_list(cell.get("audience_ids"), f"{where}.audience_ids")
+            for aud in audience_ids:
+                self._check_mapping_audience(aud, advertiser_ids, new_audiences)
+            cells.append(MappingCell(id_type, ident, tuple(audience_ids)))
+        if not cells:
+            raise param_error(f"batch_data[{i}]: row has no identifier")
+        return cells
+
+    def _check_mapping_audience(
+        self, aud: str, advertiser_ids: Sequence[str], new_audiences: dict[str, str]
+    ) -> None:
+        audience = self.audiences.get(aud)
+        if audience is None:
+            if self.auto_create:
+                new_audiences.setdefault(aud, advertiser_ids[0])
+                return
+            raise param_error("invalid audience ID")
+        if audience.advertiser_id not in advertiser_ids:
+            raise param_error("invalid audience ID")
+
+    def apply_mapping(self, req: MappingRequest) -> None:
+        with self._lock:
+            for aud, adv in req.new_audiences:
+                self.add_audience(adv, aud)
+            for cell in req.cells:
+                for aud in cell.audience_ids:
+                    ids = self.audiences[aud].members.setdefault(cell.id_type, set())
+                    if req.action == "add":
+                        ids.add(cell.id)
+                    else:
+                        ids.discard(cell.id)
+
+    # -- segment/audience -----------------------------------------------------------------------------------
+
+    def segment_audience(self, body: object) -> dict[str, object]:
+        """Create (answers the new id) or delete a Partner audience."""
+        if not isinstance(body, dict):
+            raise param_error("request body must be a JSON object")
+        advertiser_id = _non_empty_str(_require(body, "advertiser_id"), "advertiser_id")
+        action = _require(body, "action")
+        if action not in ("create", "delete"):
+            raise param_error("action: must be one of create, delete")
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+            if action == "create":
+                name = _non_empty_str(_require(body, "custom_audience_name"), "custom_audience_name")
+                return {"audience_id": self.add_audience(advertiser_id, None, name)}
+            target = _non_empty_str(_require(body, "delete_audience_id"), "delete_audience_id")
+            self._owned_audience(advertiser_id, target)
+            del self.audiences[target]
+            return {}
+
+    def _owned_audience(self, advertiser_id: str, audience_id: str) -> Audience:
+        audience = self.audiences.get(audience_id)
+        if audience is None:
+            raise ApiError(NOT_EXIST, f"Audience {audience_id} does not exist.")
+        if audience.advertiser_id != advertiser_id:
+            raise param_error("invalid audience ID")
+        return audience
+
+    # -- reads ----------------------------------------------------------------------------------------------
+
+    def get_audiences(self, advertiser_id: str, audience_ids: Sequence[str]) -> dict[str, object]:
+        """`dmp/custom_audience/get`: unknown ids answer 40007, another advertiser's ids 40002."""
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+            found = [self._owned_audience(advertiser_id, aid) for aid in audience_ids]
+            return {
+                "list": [
+                    {"audience_details": self._details(a), "audience_history": self._history(a)}
+                    for a in found
+                ]
+            }
+
+    def list_audiences(self, advertiser_id: str, page: int, page_size: int) -> dict[str, object]:
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+            owned = [a for a in self.audiences.values() if a.advertiser_id == advertiser_id]
+            chunk = owned[(page - 1) * page_size : page * page_size]
+            return {
+                "list": [self._summary(a) for a in chunk],
+                "page_info": {
+                    "page": page,
+                    "page_size": page_size,
+                    "total_number": len(owned),
+                    "total_page": math.ceil(len(owned) / page_size),
+                },
+            }
+
+    def advertiser_info(self, advertiser_ids: Sequence[str]) -> dict[str, object]:
+        """Unknown or forbidden advertisers fail the whole call (40300 / 40001) rather than being omitted.
+
+        A preflight check then names the offending advertiser instead of silently seeing a shorter list.
+        """
+        with self._lock:
+            advs = [self.check_advertiser(a) for a in advertiser_ids]
+            return {
+                "list": [
+                    {"advertiser_id": a.advertiser_id, "name": a.name, "status": "STATUS_ENABLE"}
+                    for a in advs
+                ]
+            }
+
+    def _summary(self, a: Audience) -> dict[str, object]:
+        cover = a.cover_num
+        return {
+            "audience_id": a.audience_id,
+            "name": a.name,
+            "cover_num": cover,
+            "is_valid": cover > 0,
+            "calculate_type": "MULTIPLE_TYPES",
+            "audience_type": "Partner",
+            "is_creator": True,
+            "is_expiring": False,
+            "create_time": _fmt(a.create_time),
+            "expired_time": _fmt(a.create_time + _RETENTION),
+            "shared": False,
+        }
+
+    def _details(self, a: Audience) -> dict[str, object]:
+        details = self._summary(a)
+        details.pop("audience_type")
+        details.update(type="Partner", audience_sub_type="NORMAL", rule="{}")
+        return details
+
+    @staticmethod
+    def _history(a: Audience) -> list[dict[str, object]]:
+        return [
+            {
+                "opt_time": _fmt(a.create_time),
+                "action": "create",
+                "msg": None,
+                "editor": "open_api",
+                "action_detail": "0",
+            }
+        ]
+
+    # -- bookkeeping and test views -------------------------------------------------------------------------
+
+    def count_request(self, path: str) -> None:
+        with self._lock:
+            self.request_counts[path] += 1
+
+    def record(self, rec: RequestRecord) -> None:
+        with self._lock:
+            self.request_log.append(rec)
+            if rec.code not in (None, OK):
+                self.rejected_counts[rec.code] += 1
+            if rec.fault is not None:
+                self.fault_counts[rec.fault] += 1
+
+    def requests(self, path: str | None = None) -> list[dict[str, object]]:
+        with self._lock:
+            return [asdict(r) for r in self.request_log if path is None or r.path == path]
+
+    def members(self, audience_id: str) -> dict[str, list[str]]:
+        """Raises KeyError for an unknown audience."""
+        with self._lock:
+            return {t: sorted(ids) for t, ids in self.audiences[audience_id].members.items() if ids}
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "advertisers": {
+                    a.advertiser_id: {"name": a.name, "permission_denied": a.permission_denied}
+                    for a in self.advertisers.values()
+                },
+                "audiences": {
+                    a.audience_id: {
+                        "advertiser_id": a.advertiser_id,
+                        "name": a.name,
+                        "members": {t: len(ids) for t, ids in a.members.items() if ids},
+                    }
+                    for a in self.audiences.values()
+                },
+                "requests": dict(self.request_counts),
+                "rejected": {str(code): n for code, n in self.rejected_counts.items()},
+                "faults": dict(self.fault_counts),
+            }
+
+    def reset(self, *, everything: bool = False) -> None:
+        """Clear membership and request bookkeeping; `everything` also forgets advertisers and audiences."""
+        with self._lock:
+            if everything:
+                self.advertisers.clear()
+                self.audiences.clear()
+            for a in self.audiences.values():
+                a.members.clear()
+            self.request_counts.clear()
+            self.rejected_counts.clear()
+            self.fault_counts.clear()
+            self.request_log.clear()
+
+    def register_all(self, advertisers: Iterable[str], audiences: Iterable[tuple[str, str]]) -> None:
+        """Register advertisers and (advertiser_id, audience_id) pairs, implicitly their advertisers too."""
+        for adv in advertisers:
+            self.add_advertiser(adv)
+        for adv, aud in audiences:
+            if adv not in self.advertisers:
+                self.add_advertiser(adv)
+            self.add_audience(adv, aud)
