@@ -114,9 +114,8 @@ class Batcher:
         adv, aud = change.advertiser_id, change.audience_id
         for t, h in change.identifiers:
             old = self._pending_cells.get((adv, aud, t, h))
-            if old is not None:
-                if self._drop_cell(old, t):
-                    superseded.append(old)
+            if old is not None and self._drop_cell(old, t):
+                superseded.append(old)
         key: BatchKey = (adv, change.action, change.id_schema)
         buf = self._buffers.get(key)
         if buf is None:

@@ -174,7 +174,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     fields = Settings.model_fields
     values = {k.lower(): v for k, v in env.items() if k.lower() in fields and v != ""}
     try:
-        return Settings(**values)
+        return Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 

@@ -33,7 +33,7 @@ def _metric_sum(text: str, name: str) -> float:
 
 
 def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=2) as resp:
         body: bytes = resp.read()
         return body
 
@@ -83,8 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "service", "produce-sample", "--rate", str(args.rate),
-                     "--count", str(args.count), "--users", str(args.users)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "service",
+                        "produce-sample",
+                        "--rate",
+                        str(args.rate),
+                        "--count",
+                        str(args.count),
+                        "--users",
+                        str(args.users),
+                    ],
                     env=env,
                     stderr=subprocess.DEVNULL,
                 )
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate = (uploaded - last_up) / 3
                 last_up = uploaded
                 sizes = ", ".join(
-                    f"{aid}: {sum(a.get('members', {}).values())}" for aid, a in sorted(state["audiences"].items())
+                    f"{aid}: {sum(a.get('members', {}).values())}"
+                    for aid, a in sorted(state["audiences"].items())
                 )
                 print(
                     f"[{time.monotonic() - start:6.0f}s] consumed {consumed:.0f}  uploaded {uploaded:.0f} "

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .metrics import REGISTRY
 
 Check = Callable[[], tuple[bool, str]]
-LIVE_KEY = web.AppKey("liveness", Check)
-READY_KEY = web.AppKey("readiness", Check)
+LIVE_KEY = web.AppKey[Check]("liveness")
+READY_KEY = web.AppKey[Check]("readiness")
 
 
 async def metrics_view(_: web.Request) -> web.Response:

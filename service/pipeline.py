@@ -9,12 +9,13 @@ or dead-lettered with a broker ack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from confluent_kafka import KafkaError, Message
@@ -27,11 +28,15 @@ from .kafka.producer import AsyncProducer, DeliveryError
 from .membership import Processed, Resolver
 from .model import AudienceChange, DlqReason, Rejected, Skipped
 from .retry import Backoff, TokenBucket
+from .schema_registry import RegistryUnavailable
+from .schemas import SchemaNotLoaded
 from .tiktok.answers import Answer, Verdict
 from .tiktok.payloads import mapping_body
 from .watermarks import RecordRef, TopicPartition, Watermarks
 
 log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes | None]]
 
 
 class Uploader(Protocol):
@@ -39,7 +44,7 @@ class Uploader(Protocol):
 
 
 class SchemaFetcher(Protocol):
-    async def fetch(self, schema_id: int) -> None: ...
+    async def ensure(self, schema_id: int) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -49,7 +54,7 @@ class Source:
     ref: RecordRef
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] | None
+    headers: Headers | None
     timestamp_ms: int | None
 
 
@@ -179,28 +184,25 @@ class Pipeline:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            tp = TopicPartition(msg.topic(), msg.partition())
+            tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
             if tp in skip:
                 continue
-            value, headers = msg.value(), msg.headers()
+            value, headers = msg.value(), cast(Headers | None, msg.headers())
             try:
                 processed = self.resolver.process(value, headers)
             except Exception as exc:  # only SchemaNotLoaded is expected: fetch, then decide
                 processed_or_none = await self._with_schema(exc, value, headers)
                 if processed_or_none is None:
                     skip.add(tp)
-                    await self._retry_partition_later(tp, msg.offset())
+                    await self._retry_partition_later(tp, msg.offset() or 0)
                     continue
                 processed = processed_or_none
             self._accept(msg, tp, processed)
         m.PENDING.set(self.watermarks.pending())
 
     async def _with_schema(
-        self, exc: Exception, value: bytes | None, headers: list[tuple[str, bytes]] | None
+        self, exc: Exception, value: bytes | None, headers: Headers | None
     ) -> Processed | None:
-        from .events import SchemaNotLoaded
-        from .schema_registry import RegistryUnavailable
-
         if not isinstance(exc, SchemaNotLoaded):
             raise exc
         if self.schema_fetcher is None:
@@ -213,7 +215,7 @@ class Pipeline:
                 "confluent_avro",
             )
         try:
-            await self.schema_fetcher.fetch(exc.schema_id)
+            await self.schema_fetcher.ensure(exc.schema_id)
         except RegistryUnavailable as unavailable:
             log.warning("schema registry unavailable (%s); partition will retry", unavailable)
             return None
@@ -232,9 +234,16 @@ class Pipeline:
         asyncio.get_running_loop().call_later(self.opt.registry_retry_s, lift)
 
     def _accept(self, msg: Message, tp: TopicPartition, processed: Processed) -> None:
-        ref = RecordRef(tp.topic, tp.partition, msg.offset())
+        ref = RecordRef(tp.topic, tp.partition, msg.offset() or 0)
         ts_type, ts = msg.timestamp()
-        src = Source(ref, msg.key(), msg.value(), msg.headers(), ts if ts_type else None)
+        key = msg.key()
+        src = Source(
+            ref,
+            key.encode() if isinstance(key, str) else key,
+            msg.value(),
+            cast(Headers | None, msg.headers()),
+            ts if ts_type else None,
+        )
         self.watermarks.track(ref)
         self.live[ref] = src
         m.EVENTS_CONSUMED.labels(tp.topic).inc()
@@ -344,10 +353,8 @@ class Pipeline:
         while True:
             deadline = self.batcher.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock()) + 0.001
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
             self._wake.clear()
             self._dispatch()
 
