@@ -60,7 +60,8 @@ class LocalBroker:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        # librdkafka would log every refused connection while tansu starts: keep the probe quiet.
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with {self._proc.returncode}")

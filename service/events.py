@@ -100,7 +100,7 @@ def decode_event(
         return _decode_confluent(value, schemas)
     if kind == _AVRO:
         return _decode_schemaless(value, schemas)
-    if first == 0x7B:  # "{"
+    if first == 0x7B or first == 0x5B:  # "{", or "[" (odd: never a first Avro byte) for a clearer error
         return _decode_json(value)
     if first in _JSON_WS or first == 0xEF:
         stripped = value[3:] if value.startswith(_BOM) else value
@@ -135,9 +135,7 @@ def _decode_json(value: bytes) -> Event | Undecodable:
     )
 
 
-def _read_avro(
-    value: bytes, offset: int, writer: Any, reader: Any | None, fmt: str, what: str
-) -> Event | Undecodable:
+def _read_avro(value: bytes, offset: int, writer: Any, reader: Any | None, fmt: str, what: str) -> Event | Undecodable:
     fo = BytesIO(value)
     if offset:
         fo.seek(offset)
@@ -165,9 +163,7 @@ def _decode_schemaless(value: bytes, schemas: SchemaStore) -> Event | Undecodabl
 
 def _decode_confluent(value: bytes, schemas: SchemaStore) -> Event | Undecodable:
     if value[0] != 0:
-        return Undecodable(
-            CONFLUENT_AVRO, "content-type is Confluent Avro but the first byte is not the magic 0"
-        )
+        return Undecodable(CONFLUENT_AVRO, "content-type is Confluent Avro but the first byte is not the magic 0")
     if len(value) < 5:
         return Undecodable(CONFLUENT_AVRO, "Confluent Avro record shorter than its 5-byte header")
     schema_id = int.from_bytes(value[1:5], "big")

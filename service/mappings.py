@@ -66,9 +66,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys: YAML would otherwise keep the last one without a word."""
 
 
-def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -116,9 +114,7 @@ def _entry(key: str, raw: object, where: str) -> AudienceMapping:
         if create and audience_name is None:
             raise MappingsError(f"{where}.audience_name: required with create_if_missing: true")
         if not create:
-            raise MappingsError(
-                f"{where}.audience_id: missing; set it, or audience_name with create_if_missing: true"
-            )
+            raise MappingsError(f"{where}.audience_id: missing; set it, or audience_name with create_if_missing: true")
     return AudienceMapping(key, adv, aud, audience_name.strip() if audience_name else None, create)
 
 
@@ -172,9 +168,7 @@ def load_mappings(path: str | Path) -> Mappings:
         else:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except orjson.JSONDecodeError as exc:
-        raise MappingsError(
-            f"{source}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
+        raise MappingsError(f"{source}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except yaml.YAMLError as exc:
         raise MappingsError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from None
     if data is None:

@@ -29,7 +29,7 @@ from typing import Any, Final
 from service.events import SEGMENT, Undecodable, decode_event
 from service.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
 from service.mappings import Mappings
-from service.model import Action, AudienceChange, DlqReason, IdType, MatchError, Rejected, Skipped
+from service.model import ID_TYPES, Action, AudienceChange, DlqReason, IdType, MatchError, Rejected, Skipped
 from service.schemas import SchemaNotLoaded, SchemaStore
 
 NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
@@ -51,6 +51,8 @@ _JSON_NAMES: Final[dict[type, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class ResolverSettings:
+    """The environment-driven knobs of resolution (validated by `Resolver`, so bad config fails at startup)."""
+
     enter_event_names: tuple[str, ...] = ("Audience Entered",)
     exit_event_names: tuple[str, ...] = ("Audience Exited",)
     default_advertiser_id: str | None = None
@@ -64,6 +66,8 @@ class ResolverSettings:
 
 @dataclass(frozen=True, slots=True)
 class Processed:
+    """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
+
     outcome: AudienceChange | Skipped | Rejected
     match_errors: tuple[MatchError, ...]
     event_format: str  # "segment" | "canonical_json" | "canonical_avro" | "confluent_avro" | "unknown"
@@ -117,8 +121,8 @@ def _iso_ms(value: object) -> int | None:
 def _canonical_time(value: object) -> int | None:
     if type(value) is int:
         return value
-    if isinstance(value, datetime):  # Confluent writers with a logical type other than plain timestamp-millis
-        return _iso_ms(value.isoformat())
+    if isinstance(value, datetime):  # resolved Confluent records keep the writer's timestamp logical type
+        return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - _EPOCH) // _MS
     return _iso_ms(value)
 
 
@@ -158,7 +162,7 @@ class Resolver:
         disabled = [
             t
             for t, on in zip(
-                ("EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"),
+                ID_TYPES,
                 (self._email, self._phone, self._idfa, self._aaid),
                 strict=True,
             )
@@ -200,18 +204,12 @@ class Resolver:
             return Processed(outcome, errors, fmt)
         except SchemaNotLoaded:
             raise
-        except (
-            Exception
-        ) as exc:  # last line of defence: a bug must dead-letter one record, not stop the partition
-            return Processed(
-                Rejected(_INVALID, f"event could not be processed ({type(exc).__name__})"), (), fmt
-            )
+        except Exception as exc:  # last line of defence: a bug must dead-letter one record, not stop the partition
+            return Processed(Rejected(_INVALID, f"event could not be processed ({type(exc).__name__})"), (), fmt)
 
     # -- Segment Engage --------------------------------------------------------------------------------------
 
-    def _segment(
-        self, ev: dict[str, Any]
-    ) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
+    def _segment(self, ev: dict[str, Any]) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
         etype = ev.get("type")
         if etype == "track":
             bag_name = "properties"
@@ -261,9 +259,7 @@ class Resolver:
         explicit_aud = _tiktok_id(bag.get("external_audience_id"), f"{bag_name}.external_audience_id")
         if isinstance(explicit_aud, Rejected):
             return explicit_aud, ()
-        personas_aud = _tiktok_id(
-            personas.get("external_audience_id"), "context.personas.external_audience_id"
-        )
+        personas_aud = _tiktok_id(personas.get("external_audience_id"), "context.personas.external_audience_id")
         if isinstance(personas_aud, Rejected):
             return personas_aud, ()
         explicit_adv = _tiktok_id(bag.get("advertiser_id"), f"{bag_name}.advertiser_id")
@@ -294,8 +290,8 @@ class Resolver:
                     if device_type is None:  # some SDKs only fill context.os.name
                         device_type = _dict(context.get("os")).get("name")
                     if type(device_type) is str and device_type.lower() == "android":
-                        aaid = ad_id
-                    else:
+                        aaid = ad_id if self._aaid else None
+                    elif self._idfa:
                         idfa = ad_id
         identifiers, errors = self._hash(email, phone, idfa, aaid)
         if not identifiers:
@@ -306,10 +302,7 @@ class Resolver:
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
             if audience_id is None:
-                looked = (
-                    f"{bag_name}.external_audience_id (absent), "
-                    "context.personas.external_audience_id (absent)"
-                )
+                looked = f"{bag_name}.external_audience_id (absent), context.personas.external_audience_id (absent)"
                 return self._missing_audience(audience_key, looked, True, mapping is not None), errors
         advertiser_id = explicit_adv or personas_adv
         if advertiser_id is None:
@@ -318,8 +311,7 @@ class Resolver:
                 advertiser_id = self._default_advertiser
                 if advertiser_id is None:
                     looked = (
-                        f"{bag_name}.advertiser_id (absent), "
-                        "context.personas.audience_settings.advertiserId (absent)"
+                        f"{bag_name}.advertiser_id (absent), context.personas.audience_settings.advertiserId (absent)"
                     )
                     return self._missing_advertiser(audience_key, looked, mapping is not None), errors
         event_time = _iso_ms(ev.get("timestamp"))
@@ -330,9 +322,7 @@ class Resolver:
 
     # -- canonical event (JSON or Avro) ----------------------------------------------------------------------
 
-    def _canonical(
-        self, ev: dict[str, Any]
-    ) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
+    def _canonical(self, ev: dict[str, Any]) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
         audience_key = ev.get("audience_key")
         if type(audience_key) is not str or not audience_key:
             return Rejected(_INVALID, 'canonical event: "audience_key" must be a non-empty string'), ()
@@ -361,18 +351,14 @@ class Resolver:
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
             if audience_id is None:
-                return self._missing_audience(
-                    audience_key, "audience_id (absent)", False, mapping is not None
-                ), errors
+                return self._missing_audience(audience_key, "audience_id (absent)", False, mapping is not None), errors
         advertiser_id = explicit_adv
         if advertiser_id is None:
             advertiser_id = mapping.advertiser_id if mapping is not None else None
             if advertiser_id is None:
                 advertiser_id = self._default_advertiser
                 if advertiser_id is None:
-                    return self._missing_advertiser(
-                        audience_key, "advertiser_id (absent)", mapping is not None
-                    ), errors
+                    return self._missing_advertiser(audience_key, "advertiser_id (absent)", mapping is not None), errors
         change = AudienceChange(
             advertiser_id,
             audience_id,
@@ -435,9 +421,7 @@ class Resolver:
             return "no MAPPINGS_FILE configured"
         return f"no entry in {self.mappings.source}"
 
-    def _missing_audience(
-        self, audience_key: str | None, looked: str, segment: bool, has_entry: bool
-    ) -> Rejected:
+    def _missing_audience(self, audience_key: str | None, looked: str, segment: bool, has_entry: bool) -> Rejected:
         fix_event = "set external_audience_id in Segment" if segment else "set audience_id in the event"
         if audience_key is None:
             return Rejected(

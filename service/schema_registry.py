@@ -65,9 +65,7 @@ async def fetch_schema(
     try:
         payload: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise RegistryUnavailable(
-            f"schema registry {where} answered non-JSON for schema id {schema_id}"
-        ) from None
+        raise RegistryUnavailable(f"schema registry {where} answered non-JSON for schema id {schema_id}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("schema"), str):
         raise RegistryUnavailable(f"schema registry {where} answered without a schema for id {schema_id}")
     schema_type = payload.get("schemaType") or "AVRO"
@@ -75,9 +73,7 @@ async def fetch_schema(
         store.mark_unknown(schema_id, f"schema id {schema_id} is a {schema_type} schema, not Avro")
         return None
     if payload.get("references"):
-        store.mark_unknown(
-            schema_id, f"schema id {schema_id} uses schema references, which are not supported"
-        )
+        store.mark_unknown(schema_id, f"schema id {schema_id} uses schema references, which are not supported")
         return None
     try:
         return store.add(schema_id, payload["schema"])

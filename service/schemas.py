@@ -144,9 +144,7 @@ class SchemaStore:
         names = {f.get("name") for f in fields if isinstance(f, dict)} if isinstance(fields, list) else set()
         missing = [f for f in _REQUIRED_FIELDS if f not in names]
         if missing:
-            raise SchemaError(
-                f"schema id {schema_id} has no field {', '.join(missing)} of the canonical event"
-            )
+            raise SchemaError(f"schema id {schema_id} has no field {', '.join(missing)} of the canonical event")
         try:
             writer = fastavro.parse_schema(copy.deepcopy(raw))
         except Exception as exc:  # fastavro raises several types for bad schemas

@@ -21,7 +21,13 @@ from service.events import (
     Undecodable,
     decode_event,
 )
-from service.schemas import CANONICAL_JSON_SCHEMA_PATH, SchemaNotLoaded, SchemaStore, load_canonical_schema
+from service.schemas import (
+    CANONICAL_JSON_SCHEMA_PATH,
+    SchemaError,
+    SchemaNotLoaded,
+    SchemaStore,
+    load_canonical_schema,
+)
 
 RECORD: dict[str, Any] = {
     "audience_key": "high_value_customers",
@@ -119,6 +125,10 @@ def test_canonical_json() -> None:
 @pytest.mark.parametrize("prefix", [b" ", b"\n", b"\r\n\t ", b"\xef\xbb\xbf", b"\xef\xbb\xbf  "])
 def test_json_after_whitespace_or_bom(prefix: bytes) -> None:
     assert decoded(prefix + orjson.dumps(RECORD)).format == CANONICAL_JSON
+
+
+def test_json_array_is_sniffed_as_json() -> None:
+    assert undecodable(b'[{"type": "track"}]') == "JSON value is an array, expected an object"
 
 
 def test_json_object_of_neither_kind() -> None:
@@ -281,7 +291,9 @@ def test_confluent_older_writer_missing_optional_fields() -> None:
     }
     store = SchemaStore()
     store.add(3, writer)
-    event = decoded(confluent(3, avro({"audience_key": "k", "action": "delete", "email": "a@b.co"}, writer)), store=store)
+    event = decoded(
+        confluent(3, avro({"audience_key": "k", "action": "delete", "email": "a@b.co"}, writer)), store=store
+    )
     assert event.data["action"] == "delete"
     assert event.data["email"] == "a@b.co"
     assert event.data["phone"] is None and event.data["audience_id"] is None
@@ -329,12 +341,11 @@ def test_confluent_short_header_and_corrupt_body() -> None:
         "not json",
         '"string"',
         '{"type": "record", "name": "X", "fields": [{"name": "audience_key", "type": "string"}]}',
-        '{"type": "record", "name": "X", "fields": [{"name": "audience_key", "type": "strin"}, {"name": "action", "type": "string"}]}',
+        '{"type": "record", "name": "X", "fields": '
+        '[{"name": "audience_key", "type": "strin"}, {"name": "action", "type": "string"}]}',
     ],
 )
 def test_unusable_writer_schemas_raise_schema_error(schema: str) -> None:
-    from service.schemas import SchemaError
-
     with pytest.raises(SchemaError, match="schema id 5"):
         SchemaStore().add(5, schema)
 

@@ -152,16 +152,11 @@ def test_slow_path_is_cached() -> None:
 
 
 def test_zero_ad_id_is_dropped_as_match_error() -> None:
-    assert hash_ad_id("00000000-0000-0000-0000-000000000000", "IDFA_SHA256") == MatchError(
-        "IDFA_SHA256", "zero_ad_id"
-    )
+    assert hash_ad_id("00000000-0000-0000-0000-000000000000", "IDFA_SHA256") == MatchError("IDFA_SHA256", "zero_ad_id")
 
 
 def test_ad_id_is_not_validated_beyond_trim_and_lowercase() -> None:
-    assert (
-        hash_ad_id("4242", "IDFA_SHA256")
-        == "0315b4020af3eccab7706679580ac87a710d82970733b8719e70af9b57e7b9e6"
-    )
+    assert hash_ad_id("4242", "IDFA_SHA256") == "0315b4020af3eccab7706679580ac87a710d82970733b8719e70af9b57e7b9e6"
     assert hash_ad_id(" Advertising_ID_1 ", "AAID_SHA256") == sha("advertising_id_1")
 
 

@@ -51,9 +51,7 @@ def test_json_by_extension_and_by_content(tmp_path: Path) -> None:
 
 
 def test_unquoted_yaml_ids_become_strings(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, "m.yml", "audiences:\n  a:\n    advertiser_id: 7654321098765432109\n    audience_id: 42\n"
-    )
+    path = write(tmp_path, "m.yml", "audiences:\n  a:\n    advertiser_id: 7654321098765432109\n    audience_id: 42\n")
     assert load_mappings(path).get("a") == AudienceMapping("a", "7654321098765432109", "42")
 
 
