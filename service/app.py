@@ -76,9 +76,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
     async with aiohttp.ClientSession(connector=connector, json_serialize=None) as session:  # type: ignore[arg-type]
         store = SchemaStore()
         fetcher = (
-            SchemaRegistryClient(session, settings.schema_registry_url, store)
-            if settings.schema_registry_url
-            else None
+            SchemaRegistryClient(session, settings.schema_registry_url, store) if settings.schema_registry_url else None
         )
         resolver = Resolver(resolver_settings(settings), mappings, store)
         dlq = AsyncProducer(producer_config(settings, environ))
@@ -90,14 +88,10 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
                 linger_s=settings.batch_linger_ms / 1000,
                 clock=time.monotonic,
             ),
-            uploader=TikTokClient(
-                session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s
-            ),
+            uploader=TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s),
             dlq=dlq,
             dlq_topic=settings.dead_letter_topic,
-            backoff=Backoff(
-                settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()
-            ),
+            backoff=Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
             options=PipelineOptions(
                 max_inflight=settings.max_inflight_requests,
                 max_pending=settings.max_pending_events,

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="audience-sync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
-        "run", help="the service: consume, sync to TikTok, dead-letter, serve /metrics"
-    ).set_defaults(fn=cmd_run)
+    sub.add_parser("run", help="the service: consume, sync to TikTok, dead-letter, serve /metrics").set_defaults(
+        fn=cmd_run
+    )
     # Subcommands with their own argument parsers take the rest of the line as is.
     passthrough = {
         "sandbox": ("a local TikTok Business API stand-in", "service.sandbox.server"),

@@ -103,9 +103,7 @@ class Settings(BaseSettings):
         if self.mappings_file is not None and not self.mappings_file.is_file():
             raise ValueError(f"MAPPINGS_FILE: no such file {self.mappings_file}")
         if self.dlq_topic is not None and self.dlq_topic in self.source_topics:
-            raise ValueError(
-                "DLQ_TOPIC must not be one of SOURCE_TOPIC (a dead letter would be consumed again)"
-            )
+            raise ValueError("DLQ_TOPIC must not be one of SOURCE_TOPIC (a dead letter would be consumed again)")
         return self
 
     @property

@@ -36,9 +36,7 @@ def dead_letter_headers(
     letter: DeadLetter,
     failed_at: datetime,
 ) -> Headers:
-    headers: Headers = [
-        (k, v if v is not None else b"") for k, v in original or () if not k.startswith(_OURS)
-    ]
+    headers: Headers = [(k, v if v is not None else b"") for k, v in original or () if not k.startswith(_OURS)]
     error = letter.error[:MAX_ERROR_CHARS]
     at = failed_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     ours = [

@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 BATCH_LINGER_MS="500",
             )
             service_log = open(workdir / "service.log", "ab")  # noqa: SIM115
-            procs.append(
-                subprocess.Popen([sys.executable, "-m", "service", "run"], env=env, stderr=service_log)
-            )
+            procs.append(subprocess.Popen([sys.executable, "-m", "service", "run"], env=env, stderr=service_log))
             procs.append(
                 subprocess.Popen(
                     [
@@ -127,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = (uploaded - last_up) / 3
                 last_up = uploaded
                 sizes = ", ".join(
-                    f"{aid}: {sum(a.get('members', {}).values())}"
-                    for aid, a in sorted(state["audiences"].items())
+                    f"{aid}: {sum(a.get('members', {}).values())}" for aid, a in sorted(state["audiences"].items())
                 )
                 print(
                     f"[{time.monotonic() - start:6.0f}s] consumed {consumed:.0f}  uploaded {uploaded:.0f} "

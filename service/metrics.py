@@ -32,9 +32,7 @@ EVENTS_CONSUMED = Counter(
 EVENTS_SKIPPED = Counter(
     P + "events_skipped_total", "Records that are not audience events.", ["reason"], registry=REGISTRY
 )
-EVENTS_UPLOADED = Counter(
-    P + "events_uploaded_total", "Events acknowledged by TikTok.", ["action"], registry=REGISTRY
-)
+EVENTS_UPLOADED = Counter(P + "events_uploaded_total", "Events acknowledged by TikTok.", ["action"], registry=REGISTRY)
 EVENTS_SUPERSEDED = Counter(
     P + "events_superseded_total",
     "Events replaced by a newer event for the same user and audience before upload.",
@@ -69,9 +67,7 @@ BATCHES_SENT = Counter(
     ["action", "trigger"],
     registry=REGISTRY,
 )
-ROWS_SENT = Counter(
-    P + "rows_sent_total", "Rows in mapping requests (first attempts).", ["action"], registry=REGISTRY
-)
+ROWS_SENT = Counter(P + "rows_sent_total", "Rows in mapping requests (first attempts).", ["action"], registry=REGISTRY)
 BATCH_ROWS = Histogram(
     P + "batch_rows",
     "Rows per mapping request.",
@@ -91,9 +87,7 @@ TIKTOK_ANSWERS = Counter(
     ["status_class", "verdict"],
     registry=REGISTRY,
 )
-RETRIES = Counter(
-    P + "upload_retries_total", "Mapping requests retried, by cause.", ["cause"], registry=REGISTRY
-)
+RETRIES = Counter(P + "upload_retries_total", "Mapping requests retried, by cause.", ["cause"], registry=REGISTRY)
 RATE_LIMIT_WAIT = Counter(
     P + "rate_limit_wait_seconds_total", "Time uploads waited on the request-rate limiter.", registry=REGISTRY
 )
@@ -121,9 +115,7 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
-AUTH_OK = Gauge(
-    P + "auth_ok", "1 while TikTok accepts the access token, 0 during an auth outage.", registry=REGISTRY
-)
+AUTH_OK = Gauge(P + "auth_ok", "1 while TikTok accepts the access token, 0 during an auth outage.", registry=REGISTRY)
 REBALANCES = Counter(P + "rebalances_total", "Partition assignment changes.", ["event"], registry=REGISTRY)
 LAST_UPLOAD = Gauge(
     P + "last_upload_success_timestamp_seconds",
@@ -133,6 +125,4 @@ LAST_UPLOAD = Gauge(
 MAPPINGS_RELOADS = Counter(
     P + "mappings_reloads_total", "Mappings file reloads, by outcome.", ["outcome"], registry=REGISTRY
 )
-MAPPINGS_ENTRIES = Gauge(
-    P + "mappings_entries", "Audience keys in the active mappings file.", registry=REGISTRY
-)
+MAPPINGS_ENTRIES = Gauge(P + "mappings_entries", "Audience keys in the active mappings file.", registry=REGISTRY)

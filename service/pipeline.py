@@ -200,9 +200,7 @@ class Pipeline:
             self._accept(msg, tp, processed)
         m.PENDING.set(self.watermarks.pending())
 
-    async def _with_schema(
-        self, exc: Exception, value: bytes | None, headers: Headers | None
-    ) -> Processed | None:
+    async def _with_schema(self, exc: Exception, value: bytes | None, headers: Headers | None) -> Processed | None:
         if not isinstance(exc, SchemaNotLoaded):
             raise exc
         if self.schema_fetcher is None:

@@ -124,8 +124,7 @@ def segment_event(
         "event": "Audience Entered" if entered else "Audience Exited",
         "userId": user.user_id,
         "messageId": f"personas_{uuid.uuid4().hex}",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
         "context": context,
         "properties": {"audience_key": audience.key, audience.key: entered},
     }

@@ -44,9 +44,7 @@ def topics(broker: LocalBroker) -> Topics:
     return Topics(broker, 4)
 
 
-def produce(
-    broker: LocalBroker, topic: str, records: list[tuple[bytes | None, bytes | None]], **kw: Any
-) -> None:
+def produce(broker: LocalBroker, topic: str, records: list[tuple[bytes | None, bytes | None]], **kw: Any) -> None:
     p = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for key, value in records:
         while True:

@@ -57,9 +57,7 @@ def test_events_in_membership_out_offsets_committed_and_no_reupload_after_restar
     env = service_env(sandbox.url)
     svc = services(env)
     wait_until(lambda: membership(sandbox) == expected, 60, "sandbox membership to match last-action-wins")
-    wait_until(
-        lambda: svc.metric("audience_sync_events_consumed_total") == len(events), 20, "all events counted"
-    )
+    wait_until(lambda: svc.metric("audience_sync_events_consumed_total") == len(events), 20, "all events counted")
     uploaded = svc.metric("audience_sync_events_uploaded_total")
     superseded = svc.metric("audience_sync_events_superseded_total")
     assert uploaded + superseded == len(events)
@@ -108,9 +106,7 @@ def test_bad_and_non_audience_records_land_where_the_contract_says(
 ) -> None:
     good = list(generate(50, seed=5, users=30))
     page = orjson.dumps({"type": "page", "name": "Home", "userId": "u1"})
-    no_personas = orjson.dumps(
-        {"type": "track", "event": "Order Completed", "userId": "u2", "properties": {}}
-    )
+    no_personas = orjson.dumps({"type": "track", "event": "Order Completed", "userId": "u2", "properties": {}})
     unmapped = orjson.loads(generate(1, seed=9, with_ids=False).__next__().value)
     unmapped["context"]["personas"]["computation_key"] = "vip_unmapped"
     unmapped["properties"] = {"audience_key": "vip_unmapped", "vip_unmapped": True}
@@ -145,12 +141,8 @@ def test_bad_and_non_audience_records_land_where_the_contract_says(
     assert letter.value() == orjson.dumps(unmapped), "original value unchanged"
     for name in ("dlq.source.partition", "dlq.source.offset", "dlq.failed_at", "dlq.attempts"):
         assert header_value(headers, name) is not None, name
-    wait_until(
-        lambda: svc.metric("audience_sync_events_skipped_total") == 2, 10, "two non-audience events skipped"
-    )
+    wait_until(lambda: svc.metric("audience_sync_events_skipped_total") == 2, 10, "two non-audience events skipped")
     assert svc.metric("audience_sync_events_dead_lettered_total", reason="invalid_payload") == 3
     assert svc.stop() == 0
     ends = committed(broker, topics.group, topics.source, topics.partitions)
-    assert sum(max(0, v) for v in ends.values()) == len(records), (
-        "skipped and dead-lettered offsets committed"
-    )
+    assert sum(max(0, v) for v in ends.values()) == len(records), "skipped and dead-lettered offsets committed"

@@ -52,9 +52,7 @@ class SourceConsumer:
 
     def _start(self) -> None:
         self._c = Consumer(self._conf)
-        self._c.subscribe(
-            self._topics, on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb
-        )
+        self._c.subscribe(self._topics, on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._loop.run_in_executor(self._executor, fn, *args)

@@ -73,9 +73,7 @@ def _request_id() -> str:
     return f"{stamp}{next(_request_seq):08X}{secrets.token_hex(3).upper()}"
 
 
-def envelope(
-    code: int, message: str, data: dict[str, object] | None = None, *, status: int = 200
-) -> web.Response:
+def envelope(code: int, message: str, data: dict[str, object] | None = None, *, status: int = 200) -> web.Response:
     body = {
         "code": code,
         "message": message,

@@ -220,9 +220,7 @@ class FaultPlan:
             if not rule.matches(path, advertiser_ids):
                 continue
             # Draw only for real odds, so adding a certain rule does not shift a seeded sequence.
-            if rule.probability < 1.0 and not (
-                rule.probability > 0.0 and self._rng.random() < rule.probability
-            ):
+            if rule.probability < 1.0 and not (rule.probability > 0.0 and self._rng.random() < rule.probability):
                 continue
             rule.fired += 1
             return Fault(
@@ -243,8 +241,6 @@ class FaultPlan:
         while self._admitted and self._admitted[0] <= now - 1.0:
             self._admitted.popleft()
         if len(self._admitted) + 1 > self.rate_limit_qps:
-            return Fault(
-                kind="code", source="rate_limit", code=REQUEST_TOO_FREQUENT, message=RATE_LIMIT_MESSAGE
-            )
+            return Fault(kind="code", source="rate_limit", code=REQUEST_TOO_FREQUENT, message=RATE_LIMIT_MESSAGE)
         self._admitted.append(now)
         return None

@@ -248,9 +248,7 @@ def _parser() -> argparse.ArgumentParser:
         help="create unknown audiences a mapping request names under a known advertiser (default: refuse)",
     )
     p.add_argument("--faults", metavar="FILE.json", help="fault plan (see service/sandbox/faults.py)")
-    p.add_argument(
-        "--rate-limit-qps", type=float, help="answer 40100 above this many mapping calls per second"
-    )
+    p.add_argument("--rate-limit-qps", type=float, help="answer 40100 above this many mapping calls per second")
     p.add_argument("--seed", type=int, help="seed of the fault plan's random choices")
     p.add_argument("--max-rows", type=int, default=10_000, help="rows per mapping request before 40061")
     return p

@@ -218,9 +218,7 @@ class SandboxState:
 
     # -- registration ---------------------------------------------------------------------------------------
 
-    def add_advertiser(
-        self, advertiser_id: str, name: str | None = None, *, permission_denied: bool = False
-    ) -> str:
+    def add_advertiser(self, advertiser_id: str, name: str | None = None, *, permission_denied: bool = False) -> str:
         if not advertiser_id:
             raise ValueError("advertiser_id must be non-empty")
         with self._lock:
@@ -229,9 +227,7 @@ class SandboxState:
             )
         return advertiser_id
 
-    def add_audience(
-        self, advertiser_id: str, audience_id: str | None = None, name: str | None = None
-    ) -> str:
+    def add_audience(self, advertiser_id: str, audience_id: str | None = None, name: str | None = None) -> str:
         """Register an audience as if created earlier in TikTok; raises KeyError for an unknown advertiser."""
         with self._lock:
             if advertiser_id not in self.advertisers:
@@ -339,9 +335,7 @@ class SandboxState:
             pattern = _SHA256_RE if id_type in SHA256_TYPES else _MD5_RE
             if not pattern.fullmatch(ident):
                 kind = "SHA-256" if id_type in SHA256_TYPES else "MD5"
-                raise ApiError(
-                    PII_NOT_HASHED, f"PII_NOT_HASHED: {where}.id is not a lowercase hex {kind} digest"
-                )
+                raise ApiError(PII_NOT_HASHED, f"PII_NOT_HASHED: {where}.id is not a lowercase hex {kind} digest")
             audience_ids = _str_list(cell.get("audience_ids"), f"{where}.audience_ids")
             for aud in audience_ids:
                 self._check_mapping_audience(aud, advertiser_ids, new_audiences)
@@ -350,9 +344,7 @@ class SandboxState:
             raise param_error(f"batch_data[{i}]: row has no identifier")
         return cells
 
-    def _check_mapping_audience(
-        self, aud: str, advertiser_ids: Sequence[str], new_audiences: dict[str, str]
-    ) -> None:
+    def _check_mapping_audience(self, aud: str, advertiser_ids: Sequence[str], new_audiences: dict[str, str]) -> None:
         audience = self.audiences.get(aud)
         if audience is None:
             if self.auto_create:
@@ -410,10 +402,7 @@ class SandboxState:
             self.check_advertiser(advertiser_id)
             found = [self._owned_audience(advertiser_id, aid) for aid in audience_ids]
             return {
-                "list": [
-                    {"audience_details": self._details(a), "audience_history": self._history(a)}
-                    for a in found
-                ]
+                "list": [{"audience_details": self._details(a), "audience_history": self._history(a)} for a in found]
             }
 
     def list_audiences(self, advertiser_id: str, page: int, page_size: int) -> dict[str, object]:
@@ -439,10 +428,7 @@ class SandboxState:
         with self._lock:
             advs = [self.check_advertiser(a) for a in advertiser_ids]
             return {
-                "list": [
-                    {"advertiser_id": a.advertiser_id, "name": a.name, "status": "STATUS_ENABLE"}
-                    for a in advs
-                ]
+                "list": [{"advertiser_id": a.advertiser_id, "name": a.name, "status": "STATUS_ENABLE"} for a in advs]
             }
 
     def _summary(self, a: Audience) -> dict[str, object]:

@@ -98,9 +98,7 @@ def classify(http_status: int | None, code: int | None) -> Verdict:
         return Verdict.RETRY
     if 200 <= http_status < 300:
         if code is None:
-            return (
-                Verdict.RETRY
-            )  # a 2xx without TikTok's envelope (a proxy page): nothing is known to be applied
+            return Verdict.RETRY  # a 2xx without TikTok's envelope (a proxy page): nothing is known to be applied
         return verdict_for_code(code)
     if http_status in RETRYABLE_HTTP or http_status >= 500:
         return Verdict.RETRY

@@ -16,16 +16,12 @@ from ..model import Action, IdType
 _EMPTY: dict[str, Any] = {}
 
 
-def mapping_body(
-    advertiser_id: str, action: Action, id_schema: Sequence[IdType], rows: Sequence[Row]
-) -> bytes:
+def mapping_body(advertiser_id: str, action: Action, id_schema: Sequence[IdType], rows: Sequence[Row]) -> bytes:
     batch_data = []
     for row in rows:
         aud = [row.change.audience_id]
         cells = row.cells
-        batch_data.append(
-            [{"id": cells[t], "audience_ids": aud} if t in cells else _EMPTY for t in id_schema]
-        )
+        batch_data.append([{"id": cells[t], "audience_ids": aud} if t in cells else _EMPTY for t in id_schema])
     return orjson.dumps(
         {
             "advertiser_ids": [advertiser_id],

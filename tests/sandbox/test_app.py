@@ -70,9 +70,7 @@ async def post_mapping(
         return result
 
 
-async def members(
-    http: aiohttp.ClientSession, sb: SandboxServer, audience_id: str = "12345"
-) -> dict[str, Any]:
+async def members(http: aiohttp.ClientSession, sb: SandboxServer, audience_id: str = "12345") -> dict[str, Any]:
     async with http.get(f"{sb.base_url}/_sandbox/audiences/{audience_id}/members") as r:
         result: dict[str, Any] = await r.json()
         return result
@@ -129,9 +127,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         pytest.param(fixture_body(), {"Access-Token": f"Bearer {TOKEN}"}, 40105, id="bearer-prefix"),
         pytest.param(fixture_body(), {"Authorization": f"Bearer {TOKEN}"}, 40104, id="authorization-header"),
         pytest.param(fixture_body(), {"Access-Token": "wrong"}, 40105, id="wrong-token"),
-        pytest.param(
-            _with("id_schema", ["EMAIL_SHA256", "EMAIL_SHA256", "IDFA_SHA256"]), AUTH, 40002, id="dup-schema"
-        ),
+        pytest.param(_with("id_schema", ["EMAIL_SHA256", "EMAIL_SHA256", "IDFA_SHA256"]), AUTH, 40002, id="dup-schema"),
         pytest.param(_with("batch_data.0.2.audience_ids", ["777"]), AUTH, 40002, id="unknown-audience"),
         pytest.param(_with("batch_data.0.2.audience_ids", ["55555"]), AUTH, 40002, id="foreign-audience"),
         pytest.param(_with("advertiser_ids", ["404"]), AUTH, 40300, id="unknown-advertiser"),
@@ -164,16 +160,12 @@ async def test_parameter_messages(sandbox: SandboxServer, http: aiohttp.ClientSe
     answer = await post_mapping(http, sandbox, _with("id_schema", KeyError))
     assert (answer["code"], answer["message"]) == (40002, "Parameter error: id_schema: required")
     answer = await post_mapping(http, sandbox, _with("batch_data.0", [{}]))
-    assert (
-        answer["message"] == "Parameter error: batch_data[0]: row length 1 does not match id_schema length 3"
-    )
+    assert answer["message"] == "Parameter error: batch_data[0]: row length 1 does not match id_schema length 3"
     async with http.post(sandbox.url + MAPPING, data=b"{not json", headers=AUTH) as r:
         assert (await r.json())["code"] == 40002
 
 
-async def test_lowercase_schema_and_default_action(
-    sandbox: SandboxServer, http: aiohttp.ClientSession
-) -> None:
+async def test_lowercase_schema_and_default_action(sandbox: SandboxServer, http: aiohttp.ClientSession) -> None:
     body = _with("id_schema", ["email_sha256", "phone_sha256", "idfa_sha256"])
     del body["action"]
     assert (await post_mapping(http, sandbox, body))["code"] == 0
@@ -209,9 +201,7 @@ async def test_fault_decided_before_validation(sandbox: SandboxServer, http: aio
 
 
 async def test_http_faults(sandbox: SandboxServer, http: aiohttp.ClientSession) -> None:
-    await set_faults(
-        http, sandbox, [{"kind": "http", "status": 503, "count": 1}, {"kind": "http", "html": True}]
-    )
+    await set_faults(http, sandbox, [{"kind": "http", "status": 503, "count": 1}, {"kind": "http", "html": True}])
     async with http.post(sandbox.url + MAPPING, json=fixture_body(), headers=AUTH) as r:
         assert r.status == 503
         assert (await r.json())["code"] == 50000
@@ -263,9 +253,7 @@ async def test_count_and_advertiser_filter(sandbox: SandboxServer, http: aiohttp
 
 async def test_probability_with_seed(sandbox: SandboxServer, http: aiohttp.ClientSession) -> None:
     async def run() -> list[int]:
-        await set_faults(
-            http, sandbox, {"seed": 42, "rules": [{"kind": "code", "code": 40100, "probability": 0.5}]}
-        )
+        await set_faults(http, sandbox, {"seed": 42, "rules": [{"kind": "code", "code": 40100, "probability": 0.5}]})
         return [(await post_mapping(http, sandbox, fixture_body()))["code"] for _ in range(20)]
 
     first, second = await run(), await run()
@@ -348,9 +336,7 @@ async def test_list_paging(sandbox: SandboxServer, http: aiohttp.ClientSession) 
         sandbox.state.add_audience("123", name=f"aud {i}")
     await post_mapping(http, sandbox, fixture_body())
     pages = [
-        await _get(
-            http, sandbox.url + "/dmp/custom_audience/list/", advertiser_id="123", page=str(p), page_size="2"
-        )
+        await _get(http, sandbox.url + "/dmp/custom_audience/list/", advertiser_id="123", page=str(p), page_size="2")
         for p in (1, 2, 3)
     ]
     assert pages[0]["data"]["page_info"] == {"page": 1, "page_size": 2, "total_number": 5, "total_page": 3}
@@ -373,9 +359,7 @@ async def test_user_and_advertiser_info(sandbox: SandboxServer, http: aiohttp.Cl
     assert info["data"]["list"] == [
         {"advertiser_id": "123", "name": "Sandbox advertiser 123", "status": "STATUS_ENABLE"}
     ]
-    assert (await _get(http, sandbox.url + "/advertiser/info/", advertiser_ids='["123","404"]'))[
-        "code"
-    ] == 40300
+    assert (await _get(http, sandbox.url + "/advertiser/info/", advertiser_ids='["123","404"]'))["code"] == 40300
 
 
 # -- control API, runners -----------------------------------------------------------------------------------

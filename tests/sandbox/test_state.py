@@ -171,9 +171,9 @@ def test_auto_create_only_on_success() -> None:
 
 def test_segment_audience_create_truncates_and_delete(state: SandboxState) -> None:
     long_name = "x" * 71
-    aid = state.segment_audience(
-        {"advertiser_id": "123", "custom_audience_name": long_name, "action": "create"}
-    )["audience_id"]
+    aid = state.segment_audience({"advertiser_id": "123", "custom_audience_name": long_name, "action": "create"})[
+        "audience_id"
+    ]
     assert isinstance(aid, str) and aid.isdigit()
     assert state.audiences[aid].name == "x" * 67 + "..."
     assert truncate_name("y" * 70) == "y" * 70
