@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         "sandbox": ("a local TikTok Business API stand-in", "service.sandbox.server"),
         "produce-sample": ("publish realistic sample events", "service.sample"),
         "demo": ("broker + sandbox + service + sample traffic on this machine (make run)", "service.demo"),
+        "replay": ("re-process or re-publish dead-lettered records", "service.replay"),
+        "dlq": ("inspect the dead-letter topic (`dlq inspect`)", "service.dlq_inspect"),
     }
     for name, (help_text, _) in passthrough.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -37,6 +37,8 @@ from .watermarks import RecordRef, TopicPartition, Watermarks
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes | None]]
+# Replay's hook: (message, headers) → (skip reason or None, headers to process and dead-letter with).
+IntakeHook = Callable[[Message, Headers | None], tuple[str | None, Headers | None]]
 
 
 class Uploader(Protocol):
@@ -69,6 +71,8 @@ class PipelineOptions:
     auth_retry_s: float = 15.0
     max_qps: float = 40.0
     registry_retry_s: float = 5.0
+    # Replay runs until the topic is drained: stop after this long with nothing consumed and nothing pending.
+    stop_when_idle_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -105,8 +109,10 @@ class Pipeline:
         backoff: Backoff,
         options: PipelineOptions,
         schema_fetcher: SchemaFetcher | None = None,
+        intake: IntakeHook | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.intake = intake
         self.resolver = resolver
         self.batcher = batcher
         self.uploader = uploader
@@ -142,14 +148,24 @@ class Pipeline:
         await consumer.start()
         self.started = True
         dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
+        idle_since = self.clock()
         try:
             while not stop.is_set():
                 msgs = await consumer.consume(self.opt.consume_batch, self.opt.consume_timeout_s)
-                self.heartbeat = self.clock()
+                self.heartbeat = now = self.clock()
                 if msgs:
+                    idle_since = now
                     await self._process(msgs)
                     self._wake.set()
                 await self._sync_consumer()
+                if self.watermarks.pending():
+                    idle_since = now
+                elif (
+                    self.opt.stop_when_idle_s is not None
+                    and consumer.assigned
+                    and now - idle_since >= self.opt.stop_when_idle_s
+                ):
+                    break
             await self._drain()
         finally:
             self._closing = True
@@ -188,6 +204,11 @@ class Pipeline:
             if tp in skip:
                 continue
             value, headers = msg.value(), cast(Headers | None, msg.headers())
+            if self.intake is not None:
+                skip_reason, headers = self.intake(msg, headers)
+                if skip_reason is not None:
+                    self._accept(msg, tp, Processed(Skipped(skip_reason), (), "filtered"), headers)
+                    continue
             try:
                 processed = self.resolver.process(value, headers)
             except Exception as exc:  # only SchemaNotLoaded is expected: fetch, then decide
@@ -197,7 +218,7 @@ class Pipeline:
                     await self._retry_partition_later(tp, msg.offset() or 0)
                     continue
                 processed = processed_or_none
-            self._accept(msg, tp, processed)
+            self._accept(msg, tp, processed, headers)
         m.PENDING.set(self.watermarks.pending())
 
     async def _with_schema(self, exc: Exception, value: bytes | None, headers: Headers | None) -> Processed | None:
@@ -231,7 +252,7 @@ class Pipeline:
 
         asyncio.get_running_loop().call_later(self.opt.registry_retry_s, lift)
 
-    def _accept(self, msg: Message, tp: TopicPartition, processed: Processed) -> None:
+    def _accept(self, msg: Message, tp: TopicPartition, processed: Processed, headers: Headers | None) -> None:
         ref = RecordRef(tp.topic, tp.partition, msg.offset() or 0)
         ts_type, ts = msg.timestamp()
         key = msg.key()
@@ -239,7 +260,7 @@ class Pipeline:
             ref,
             key.encode() if isinstance(key, str) else key,
             msg.value(),
-            cast(Headers | None, msg.headers()),
+            headers,
             ts if ts_type else None,
         )
         self.watermarks.track(ref)
