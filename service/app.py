@@ -22,6 +22,7 @@ from .http import create_ops_app, heartbeat_check
 from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer
 from .mappings import Mappings, MappingsError, load_mappings
+from .mappings_watch import MappingsWatcher
 from .membership import Resolver, ResolverSettings
 from .pipeline import Pipeline, PipelineOptions
 from .retry import Backoff
@@ -123,6 +124,11 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
             return (not problems, "; ".join(problems) or "ok")
 
         ops = create_ops_app(heartbeat_check(lambda: pipeline.heartbeat, 30.0), ready)
+        watcher_task: asyncio.Task[None] | None = None
+        if settings.mappings_file is not None:
+            watcher = MappingsWatcher(settings.mappings_file, pipeline.set_mappings)
+            watcher_task = asyncio.create_task(watcher.run(), name="mappings-watch")
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, watcher.reload)
         runner = web.AppRunner(ops, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -131,6 +137,8 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
         try:
             await pipeline.run(consumer, stop)
         finally:
+            if watcher_task is not None:
+                watcher_task.cancel()
             left = dlq.close()
             if left:
                 log.error("%d dead letters were not acknowledged; their offsets were not committed", left)

@@ -25,6 +25,7 @@ from .batcher import Batch, Batcher, Row
 from .dead_letters import DeadLetter, dead_letter_headers
 from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer, DeliveryError
+from .mappings import Mappings
 from .membership import Processed, Resolver
 from .model import AudienceChange, DlqReason, Rejected, Skipped
 from .retry import Backoff, TokenBucket
@@ -189,6 +190,10 @@ class Pipeline:
         await self._store_offsets()
         await self.consumer.commit()
         log.info("drained: offsets committed")
+
+    def set_mappings(self, mappings: Mappings) -> None:
+        """Swap in reloaded mappings: records resolved from now on use them."""
+        self.resolver.mappings = mappings
 
     # -- intake ---------------------------------------------------------------------------------------------
 
