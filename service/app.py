@@ -18,6 +18,7 @@ from . import __version__
 from . import metrics as m
 from .batcher import Batcher
 from .config import ConfigError, Settings, TokenSource, consumer_config, mask, producer_config
+from .dlq_guard import DlqGuard
 from .http import create_ops_app, heartbeat_check
 from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer
@@ -102,6 +103,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
                 max_qps=settings.tiktok_max_qps,
             ),
             schema_fetcher=fetcher,
+            guard=DlqGuard(settings.dlq_guard_max_consecutive, settings.dlq_guard_cooldown_s, time.monotonic),
         )
         cconf["stats_cb"] = pipeline.on_stats
         cconf["error_cb"] = pipeline.on_error

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     retry_budget_s: float = Field(300.0, gt=0)
     auth_retry_s: float = Field(15.0, gt=0)
 
+    dlq_guard_max_consecutive: int = Field(1000, ge=0)
+    dlq_guard_cooldown_s: float = Field(300.0, gt=0)
+
     log_level: str = "INFO"
 
     @classmethod

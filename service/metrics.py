@@ -122,6 +122,11 @@ LAST_UPLOAD = Gauge(
     "Unix time of the last acknowledged mapping request.",
     registry=REGISTRY,
 )
+DLQ_GUARD_TRIPPED = Gauge(
+    P + "dlq_guard_tripped",
+    "1 while the DLQ guard holds dead letters and pauses consumption (too many in a row for one reason).",
+    registry=REGISTRY,
+)
 MAPPINGS_RELOADS = Counter(
     P + "mappings_reloads_total", "Mappings file reloads, by outcome.", ["outcome"], registry=REGISTRY
 )

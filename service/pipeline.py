@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, Message
 from . import metrics as m
 from .batcher import Batch, Batcher, Row
 from .dead_letters import DeadLetter, dead_letter_headers
+from .dlq_guard import DlqGuard
 from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer, DeliveryError
 from .mappings import Mappings
@@ -111,9 +112,13 @@ class Pipeline:
         options: PipelineOptions,
         schema_fetcher: SchemaFetcher | None = None,
         intake: IntakeHook | None = None,
+        guard: DlqGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.intake = intake
+        self.guard = guard or DlqGuard(0, 0.0, clock)
+        self._guard_open = asyncio.Event()
+        self._guard_open.set()
         self.resolver = resolver
         self.batcher = batcher
         self.uploader = uploader
@@ -194,6 +199,8 @@ class Pipeline:
     def set_mappings(self, mappings: Mappings) -> None:
         """Swap in reloaded mappings: records resolved from now on use them."""
         self.resolver.mappings = mappings
+        if self.guard.tripped:
+            self._release_guard("mappings reloaded")
 
     # -- intake ---------------------------------------------------------------------------------------------
 
@@ -276,6 +283,7 @@ class Pipeline:
             m.IDENTIFIERS.labels(me.id_type, "invalid").inc()
         outcome = processed.outcome
         if isinstance(outcome, AudienceChange):
+            self.guard.ok()
             for t, _ in outcome.identifiers:
                 m.IDENTIFIERS.labels(t, "valid").inc()
             for old in self.batcher.add(ref, outcome, src):
@@ -308,10 +316,11 @@ class Pipeline:
             self.pauses.add(assigned, "backpressure")
         elif pending <= self.opt.max_pending // 2:
             self.pauses.remove(None, "backpressure")
-        if not self.auth_ok:
-            self.pauses.add(assigned, "auth")
-        else:
-            self.pauses.remove(None, "auth")
+        for reason, on in (("auth", not self.auth_ok), ("dlq_guard", self.guard.tripped)):
+            if on:
+                self.pauses.add(assigned, reason)
+            else:
+                self.pauses.remove(None, reason)
         wanted = self.pauses.wanted() & assigned
         to_pause = wanted - self._paused
         to_resume = (self._paused - wanted) & assigned
@@ -489,6 +498,7 @@ class Pipeline:
 
     def _uploaded(self, batch: Batch, answer: Answer) -> None:
         self.batcher.release(batch.rows)
+        self.guard.ok()
         now_ms = time.time() * 1000
         m.LAST_UPLOAD.set(now_ms / 1000)
         m.EVENTS_UPLOADED.labels(batch.action.value).inc(len(batch.rows))
@@ -535,6 +545,14 @@ class Pipeline:
 
     async def _dead_letter(self, src: Source, letter: DeadLetter) -> None:
         """Write the letter, retrying until the broker acks it (the offset waits), then finish the record."""
+        if self.guard.failed(letter.reason) and self._guard_open.is_set():
+            self._trip_guard(letter.reason)
+        if not self._guard_open.is_set():
+            await self._guard_open.wait()
+            held = self._after_hold(src, letter)
+            if held is None:
+                return
+            letter = held
         headers = dead_letter_headers(src.headers, src.ref, letter, datetime.now(UTC))
         attempt = 0
         while self.live.get(src.ref) is src:
@@ -555,6 +573,49 @@ class Pipeline:
             m.EVENTS_DEAD_LETTERED.labels(letter.reason.value).inc()
             self._finish(src.ref, src)
             return
+
+    def _trip_guard(self, reason: DlqReason) -> None:
+        log.error(
+            "DLQ guard tripped: %d records in a row dead-lettered as %s; holding dead letters and pausing "
+            "consumption until the mappings file changes or %.0fs pass (see README runbook-%s)",
+            self.guard.max_consecutive,
+            reason.value,
+            self.guard.cooldown_s,
+            reason.value,
+        )
+        self._guard_open.clear()
+        m.DLQ_GUARD_TRIPPED.set(1)
+        asyncio.get_running_loop().call_later(self.guard.cooldown_s, self._release_guard, "cooldown over")
+
+    def _release_guard(self, why: str) -> None:
+        if not self.guard.tripped:
+            return
+        log.warning("DLQ guard released (%s): re-resolving held records", why)
+        self.guard.reset()
+        m.DLQ_GUARD_TRIPPED.set(0)
+        self._guard_open.set()
+
+    def _after_hold(self, src: Source, letter: DeadLetter) -> DeadLetter | None:
+        """A held record after the guard opened: resolve it again; None when it now syncs instead."""
+        if self.live.get(src.ref) is not src:
+            return None
+        if letter.reason not in (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_ADVERTISER_ID):
+            return letter
+        try:
+            outcome = self.resolver.process(src.value, src.headers).outcome
+        except SchemaNotLoaded:
+            return letter
+        if isinstance(outcome, AudienceChange):
+            for old in self.batcher.add(src.ref, outcome, src):
+                m.EVENTS_SUPERSEDED.inc()
+                self._finish(old.ref, old.source)
+            self._wake.set()
+            return None
+        if isinstance(outcome, Rejected):
+            return DeadLetter(outcome.reason, outcome.error)
+        m.EVENTS_SKIPPED.labels(outcome.reason).inc()
+        self._finish(src.ref, src)
+        return None
 
     # -- statistics -----------------------------------------------------------------------------------------
 
