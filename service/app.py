@@ -97,6 +97,8 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
             options=PipelineOptions(
                 max_inflight=settings.max_inflight_requests,
                 max_pending=settings.max_pending_events,
+                # one consume call may overshoot the cap by at most a quarter of it
+                consume_batch=max(1, min(1000, settings.max_pending_events // 4)),
                 drain_timeout_s=settings.drain_timeout_s,
                 revoke_timeout_s=settings.revoke_timeout_s,
                 auth_retry_s=settings.auth_retry_s,

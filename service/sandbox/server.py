@@ -69,8 +69,10 @@ class SandboxServer:
     def faults(self) -> FaultPlan | None:
         return self._app[RUNTIME_KEY].faults if self._app is not None else self._faults
 
-    def set_faults(self, plan: FaultPlan | None) -> None:
-        """Replace the fault plan (a plain attribute swap, so safe from another thread too)."""
+    def set_faults(self, plan: FaultPlan | dict[str, object] | list[object] | None) -> None:
+        """Replace the fault plan (a plain attribute swap, so safe from another thread too); JSON form accepted."""
+        if plan is not None and not isinstance(plan, FaultPlan):
+            plan = FaultPlan.from_json(plan)
         self._faults = plan
         if self._app is not None:
             self._app[RUNTIME_KEY].faults = plan
@@ -157,7 +159,7 @@ class SandboxThread:
     def port(self) -> int:
         return self._server.port
 
-    def set_faults(self, plan: FaultPlan | None) -> None:
+    def set_faults(self, plan: FaultPlan | dict[str, object] | list[object] | None) -> None:
         self._server.set_faults(plan)
 
     def start(self, timeout: float = 10.0) -> SandboxThread:
