@@ -51,7 +51,7 @@ DEAD_LETTER_FAILURES = Counter(
 )
 IDENTIFIERS = Counter(
     P + "identifiers_total",
-    "Identifiers seen, by type and outcome (hashed, passthrough, invalid).",
+    "Identifiers seen, by type and outcome (valid: hashed and sent; invalid: dropped).",
     ["type", "outcome"],
     registry=REGISTRY,
 )
@@ -102,7 +102,11 @@ PENDING = Gauge(
     "Consumed records not yet finished (buffered, in flight or dead-lettering).",
     registry=REGISTRY,
 )
-PAUSED_PARTITIONS = Gauge(P + "paused_partitions", "Partitions paused for backpressure.", registry=REGISTRY)
+PAUSED_PARTITIONS = Gauge(
+    P + "paused_partitions",
+    "Partitions paused (backpressure, retry backoff, auth outage, DLQ guard, registry outage).",
+    registry=REGISTRY,
+)
 EVENT_TO_ACK = Histogram(
     P + "event_to_ack_seconds",
     "From the event's time to TikTok's acknowledgement.",
