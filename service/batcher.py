@@ -42,11 +42,17 @@ class Row:
     enqueued_at: float
     nbytes: int = 0
     source: Any = None  # opaque to the batcher: the edge's handle on the original record
+    keys: tuple[CellKey, ...] = ()
 
-    def cell_keys(self) -> Iterable[CellKey]:
+    def __post_init__(self) -> None:
+        self._rekey()
+
+    def _rekey(self) -> None:
         c = self.change
-        for t, h in self.cells.items():
-            yield (c.advertiser_id, c.audience_id, t, h)
+        self.keys = tuple((c.advertiser_id, c.audience_id, t, h) for t, h in self.cells.items())
+
+    def cell_keys(self) -> tuple[CellKey, ...]:
+        return self.keys
 
 
 @dataclass(slots=True, eq=False)
@@ -125,8 +131,9 @@ class Batcher:
         buf.rows[id(row)] = row
         buf.nbytes += row.nbytes
         self._row_buffer[id(row)] = buf
-        for ck in row.cell_keys():
-            self._pending_cells[ck] = row
+        pending = self._pending_cells
+        for ck in row.keys:
+            pending[ck] = row
         self.pending_rows += 1
         return superseded
 
@@ -135,6 +142,7 @@ class Batcher:
         h = row.cells.pop(t)
         c = row.change
         self._pending_cells.pop((c.advertiser_id, c.audience_id, t, h), None)
+        row._rekey()
         buf = self._row_buffer[id(row)]
         new_bytes = self._row_bytes(row, buf.key[2])
         buf.nbytes += new_bytes - row.nbytes
@@ -154,8 +162,10 @@ class Batcher:
 
     @staticmethod
     def _row_bytes(row: Row, id_schema: tuple[IdType, ...]) -> int:
-        aud = len(row.change.audience_id)
-        return sum(_CELL_BYTES + aud if t in row.cells else _EMPTY_CELL_BYTES for t in id_schema) + 3
+        present = len(row.cells)
+        return (
+            present * (_CELL_BYTES + len(row.change.audience_id)) + (len(id_schema) - present) * _EMPTY_CELL_BYTES + 3
+        )
 
     # -- flushing -------------------------------------------------------------------------------------------
 
@@ -193,16 +203,17 @@ class Batcher:
         for row in buf.rows.values():
             if len(rows) >= self.max_rows or (rows and nbytes + row.nbytes > self.max_bytes):
                 break
-            if inflight and any(ck in inflight for ck in row.cell_keys()):
+            if inflight and any(ck in inflight for ck in row.keys):
                 continue  # an older change to one of its cells is still in flight: wait for its outcome
             rows.append(row)
             nbytes += row.nbytes
         if not rows:
             return None
+        pending = self._pending_cells
         for row in rows:
             self._remove_row(buf, row)
-            for ck in row.cell_keys():
-                del self._pending_cells[ck]
+            for ck in row.keys:
+                del pending[ck]
                 inflight[ck] += 1
         return Batch(next(self._ids), buf.key, rows, trigger)
 
