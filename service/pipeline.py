@@ -135,6 +135,7 @@ class Pipeline:
         self.consumer: SourceConsumer | None = None
         self.pauses = _Pauses()
         self._counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+        self._rewound: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
         self._sending = 0
         self._send_slots = asyncio.Semaphore(options.max_inflight)
@@ -157,9 +158,13 @@ class Pipeline:
         self.started = True
         dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
         idle_since = self.clock()
+        batch, timeout = self.opt.consume_batch, self.opt.consume_timeout_s
+        # The next consume() runs on the consumer thread while this batch is processed on the loop.
+        fetch: asyncio.Future[list[Message]] = asyncio.ensure_future(consumer.consume(batch, timeout))
         try:
             while not stop.is_set():
-                msgs = await consumer.consume(self.opt.consume_batch, self.opt.consume_timeout_s)
+                msgs = await fetch
+                fetch = asyncio.ensure_future(consumer.consume(batch, timeout))
                 self.heartbeat = now = self.clock()
                 if msgs:
                     idle_since = now
@@ -174,6 +179,7 @@ class Pipeline:
                     and now - idle_since >= self.opt.stop_when_idle_s
                 ):
                     break
+            await asyncio.gather(fetch, return_exceptions=True)  # consumed after stop: left uncommitted
             await self._drain()
         finally:
             self._closing = True
@@ -217,6 +223,11 @@ class Pipeline:
             tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
             if tp in skip:
                 continue
+            rewound_to = self._rewound.get(tp)
+            if rewound_to is not None:
+                if msg.offset() != rewound_to:
+                    continue  # fetched before the seek: the partition is re-read from `rewound_to`
+                del self._rewound[tp]
             value, headers = msg.value(), cast(Headers | None, msg.headers())
             if self.intake is not None:
                 skip_reason, headers = self.intake(msg, headers)
@@ -277,6 +288,7 @@ class Pipeline:
         """Valid data is never dead-lettered for a registry outage: rewind, pause, and come back later."""
         assert self.consumer is not None
         await self.consumer.seek(tp, offset)
+        self._rewound[tp] = offset
         reason = f"registry:{offset}"
         self.pauses.add([tp], reason)
 
@@ -296,7 +308,11 @@ class Pipeline:
             headers,
             ts if ts_type else None,
         )
-        self.watermarks.track(ref)
+        try:
+            self.watermarks.track(ref)
+        except ValueError:
+            log.warning("%s[%d] offset %d delivered again out of order: ignored", *ref)
+            return
         self.live[ref] = src
         counts = self._counts
         counts[("consumed", tp.topic)] += 1
@@ -345,9 +361,9 @@ class Pipeline:
         to_pause = wanted - self._paused
         to_resume = (self._paused - wanted) & assigned
         if to_pause:
-            await self.consumer.pause(sorted(to_pause))
+            self.consumer.pause(sorted(to_pause))
         if to_resume:
-            await self.consumer.resume(sorted(to_resume))
+            self.consumer.resume(sorted(to_resume))
         self._paused = wanted
         m.PAUSED_PARTITIONS.set(len(wanted))
 
@@ -355,7 +371,7 @@ class Pipeline:
         assert self.consumer is not None
         offsets = self.watermarks.take_committable()
         if offsets:
-            await self.consumer.store(offsets)
+            self.consumer.store(offsets)
 
     async def on_assign(self, tps: list[TopicPartition]) -> list[TopicPartition]:
         m.REBALANCES.labels("assign").inc()
@@ -390,6 +406,8 @@ class Pipeline:
         gone = set(tps)
         self.batcher.drop_partitions(gone)
         self.watermarks.forget(tps)
+        for tp in gone:
+            self._rewound.pop(tp, None)
         for ref in [r for r in self.live if r.tp in gone]:
             del self.live[ref]
         self.pauses.remove(tps, "backpressure")

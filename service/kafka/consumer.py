@@ -109,13 +109,15 @@ class SourceConsumer:
         msgs: list[Message] = await self._run(self._consumer.consume, max_messages, timeout_s)
         return msgs
 
-    async def store(self, offsets: dict[TopicPartition, int]) -> None:
-        """Store offsets (next to read) of assigned partitions; auto-commit sends them to the broker."""
-        if offsets:
-            await self._run(self._store, offsets)
+    def store(self, offsets: dict[TopicPartition, int]) -> None:
+        """Store offsets (next to read) of assigned partitions; auto-commit sends them to the broker.
 
-    def _store(self, offsets: dict[TopicPartition, int]) -> None:
-        kt = [KTP(tp.topic, tp.partition, off) for tp, off in offsets.items() if tp in self.assigned]
+        Called directly from the loop thread, not through the consumer thread: `rd_kafka_offsets_store` only
+        updates local state and is thread-safe, and queueing it behind a blocking `consume()` would serialise
+        intake with offset bookkeeping.
+        """
+        assigned = set(self.assigned)
+        kt = [KTP(tp.topic, tp.partition, off) for tp, off in offsets.items() if tp in assigned]
         if kt:
             try:
                 self._consumer.store_offsets(offsets=kt)
@@ -133,14 +135,16 @@ class SourceConsumer:
             if exc.args and getattr(exc.args[0], "code", lambda: None)() != -168:  # _NO_OFFSET: nothing new
                 log.warning("commit failed: %s", exc)
 
-    async def pause(self, tps: Sequence[TopicPartition]) -> None:
-        await self._run(self._pause_resume, True, list(tps))
+    def pause(self, tps: Sequence[TopicPartition]) -> None:
+        """Thread-safe in librdkafka and non-blocking, so called from the loop thread (see `store`)."""
+        self._pause_resume(True, list(tps))
 
-    async def resume(self, tps: Sequence[TopicPartition]) -> None:
-        await self._run(self._pause_resume, False, list(tps))
+    def resume(self, tps: Sequence[TopicPartition]) -> None:
+        self._pause_resume(False, list(tps))
 
     def _pause_resume(self, pause: bool, tps: list[TopicPartition]) -> None:
-        kt = [KTP(tp.topic, tp.partition) for tp in tps if tp in self.assigned]
+        assigned = set(self.assigned)
+        kt = [KTP(tp.topic, tp.partition) for tp in tps if tp in assigned]
         if not kt:
             return
         if pause:
