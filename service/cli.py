@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": ("broker + sandbox + service + sample traffic on this machine (make run)", "service.demo"),
         "replay": ("re-process or re-publish dead-lettered records", "service.replay"),
         "dlq": ("inspect the dead-letter topic (`dlq inspect`)", "service.dlq_inspect"),
+        "audiences": ("create / list / get TikTok audiences", "service.audiences"),
+        "doctor": ("preflight: broker, topics, token, advertisers, audiences, mappings", "service.doctor"),
     }
     for name, (help_text, _) in passthrough.items():
         sub.add_parser(name, help=help_text, add_help=False)

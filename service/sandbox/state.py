@@ -91,10 +91,14 @@ class Audience:
     name: str
     create_time: datetime
     members: dict[str, set[str]] = field(default_factory=dict)
+    # A fixed `cover_num` for tests and demos (e.g. a large audience without uploading 1,000 users).
+    cover_override: int | None = None
 
     @property
     def cover_num(self) -> int:
         """Sum over id types: TikTok's real figure is a matched-user estimate, unknowable offline."""
+        if self.cover_override is not None:
+            return self.cover_override
         return sum(len(ids) for ids in self.members.values())
 
 
@@ -240,6 +244,13 @@ class SandboxState:
                     aid, advertiser_id, truncate_name(name or f"Sandbox audience {aid}"), self._clock()
                 )
             return aid
+
+    def set_cover_num(self, audience_id: str, cover_num: int | None) -> None:
+        """Pin the `cover_num` reads report (None: count members again); raises KeyError for an unknown id."""
+        if cover_num is not None and cover_num < 0:
+            raise ValueError("cover_num must be >= 0")
+        with self._lock:
+            self.audiences[audience_id].cover_override = cover_num
 
     def _new_audience_id(self) -> str:
         while str(self._next_audience_id) in self.audiences:
