@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         # `load_settings` hands over the environment explicitly, so tests never leak the process's own.
         return (init_settings,)
 
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v.upper()
+
     @field_validator("default_advertiser_id")
     @classmethod
     def _digits(cls, v: str | None) -> str | None:
@@ -105,8 +112,13 @@ class Settings(BaseSettings):
             raise ValueError(f"TIKTOK_ACCESS_TOKEN_FILE: no such file {self.tiktok_access_token_file}")
         if self.mappings_file is not None and not self.mappings_file.is_file():
             raise ValueError(f"MAPPINGS_FILE: no such file {self.mappings_file}")
-        if self.dlq_topic is not None and self.dlq_topic in self.source_topics:
-            raise ValueError("DLQ_TOPIC must not be one of SOURCE_TOPIC (a dead letter would be consumed again)")
+        if not self.source_topics:
+            raise ValueError("SOURCE_TOPIC: no topic name")
+        if self.dead_letter_topic in self.source_topics:
+            raise ValueError(
+                f"DLQ_TOPIC {self.dead_letter_topic!r} must not be one of SOURCE_TOPIC "
+                "(a dead letter would be consumed again)"
+            )
         return self
 
     @property
@@ -124,13 +136,18 @@ class Settings(BaseSettings):
         return tuple(n.strip() for n in self.exit_event_names.split(",") if n.strip())
 
 
+# librdkafka properties whose names contain an underscore: `_` → `.` would mangle them.
+_UNDERSCORE_PROPERTIES = {"log_level"}
+
+
 def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:
     """`KAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`; the bootstrap servers have their own field."""
     out: dict[str, str] = {}
     for name, value in environ.items():
         upper = name.upper()
         if upper.startswith("KAFKA_") and upper != "KAFKA_BOOTSTRAP_SERVERS":
-            out[upper[len("KAFKA_") :].lower().replace("_", ".")] = value
+            raw = upper[len("KAFKA_") :].lower()
+            out[raw if raw in _UNDERSCORE_PROPERTIES else raw.replace("_", ".")] = value
     return out
 
 

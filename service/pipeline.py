@@ -171,8 +171,8 @@ class Pipeline:
                     await self._process(msgs)
                     self._wake.set()
                 await self._sync_consumer()
-                if self.watermarks.pending():
-                    idle_since = now
+                if self.watermarks.pending() or not consumer.assigned:
+                    idle_since = now  # idle counts from assignment: a group join is not an empty topic
                 elif (
                     self.opt.stop_when_idle_s is not None
                     and consumer.assigned

@@ -263,7 +263,7 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self._bar: Any = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+            from tqdm import tqdm
 
             self._bar = tqdm(desc="replay", unit="rec", file=sys.stderr, dynamic_ncols=True)
 
