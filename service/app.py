@@ -16,8 +16,10 @@ from aiohttp import web
 
 from . import __version__
 from . import metrics as m
+from .audience_creation import AudienceCreator
+from .audience_store import AudienceStore
 from .batcher import Batcher
-from .config import ConfigError, Settings, TokenSource, consumer_config, mask, producer_config
+from .config import ConfigError, Settings, TokenSource, client_config, consumer_config, mask, producer_config
 from .dlq_guard import DlqGuard
 from .http import create_ops_app, heartbeat_check
 from .kafka.consumer import SourceConsumer
@@ -29,6 +31,7 @@ from .pipeline import Pipeline, PipelineOptions
 from .retry import Backoff
 from .schema_registry import SchemaRegistryClient
 from .schemas import SchemaStore
+from .tiktok.audiences_api import AudiencesApi
 from .tiktok.client import TikTokClient
 
 log = logging.getLogger("service")
@@ -81,6 +84,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
             SchemaRegistryClient(session, settings.schema_registry_url, store) if settings.schema_registry_url else None
         )
         resolver = Resolver(resolver_settings(settings), mappings, store)
+        tiktok = TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s)
         dlq = AsyncProducer(producer_config(settings, environ))
         pipeline = Pipeline(
             resolver=resolver,
@@ -90,7 +94,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
                 linger_s=settings.batch_linger_ms / 1000,
                 clock=time.monotonic,
             ),
-            uploader=TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s),
+            uploader=tiktok,
             dlq=dlq,
             dlq_topic=settings.dead_letter_topic,
             backoff=Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
@@ -105,6 +109,12 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
                 max_qps=settings.tiktok_max_qps,
             ),
             schema_fetcher=fetcher,
+            creator=AudienceCreator(
+                AudienceStore(client_config(settings, environ), settings.audience_store),
+                AudiencesApi(tiktok),
+                Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
+                auth_retry_s=settings.auth_retry_s,
+            ),
             guard=DlqGuard(settings.dlq_guard_max_consecutive, settings.dlq_guard_cooldown_s, time.monotonic),
         )
         cconf["stats_cb"] = pipeline.on_stats

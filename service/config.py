@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     default_advertiser_id: str | None = None
     phone_default_region: str = "US"
     schema_registry_url: str | None = None
+    audience_store_topic: str | None = None
 
     send_email: bool = True
     send_phone: bool = True
@@ -129,6 +130,11 @@ class Settings(BaseSettings):
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.source_topics[0]}.dlq"
 
+    @property
+    def audience_store(self) -> str:
+        """The compacted topic holding audiences created on demand (one per consumer group)."""
+        return self.audience_store_topic or f"{self.consumer_group}.audiences"
+
     def enter_names(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in self.enter_event_names.split(",") if n.strip())
 
@@ -158,28 +164,34 @@ def consumer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str,
     return conf
 
 
+_CONSUMER_ONLY = {
+    "group.id",
+    "auto.offset.reset",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "group.protocol",
+    "group.instance.id",
+    "fetch.min.bytes",
+    "fetch.wait.max.ms",
+    "isolation.level",
+}
+
+
+def client_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """Connection and security settings only: for the service's own producers and helper consumers."""
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    conf.update({k: v for k, v in kafka_passthrough(environ).items() if k not in _CONSUMER_ONLY})
+    return conf
+
+
 def producer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
     """The DLQ producer: idempotent, acks from all replicas; consumer-only passthrough keys are dropped."""
-    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers}
-    consumer_only = {
-        "group.id",
-        "auto.offset.reset",
-        "enable.auto.offset.store",
-        "enable.auto.commit",
-        "auto.commit.interval.ms",
-        "partition.assignment.strategy",
-        "session.timeout.ms",
-        "heartbeat.interval.ms",
-        "max.poll.interval.ms",
-        "group.protocol",
-        "group.instance.id",
-        "fetch.min.bytes",
-        "fetch.wait.max.ms",
-        "isolation.level",
-    }
-    conf.update({k: v for k, v in kafka_passthrough(environ).items() if k not in consumer_only})
-    conf.update({"enable.idempotence": "true", "acks": "all"})
-    return conf
+    return {**client_config(settings, environ), "enable.idempotence": "true", "acks": "all"}
 
 
 def mask(conf: Mapping[str, Any]) -> dict[str, Any]:

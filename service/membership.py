@@ -22,14 +22,25 @@ fix will make it go through.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from service.events import SEGMENT, Undecodable, decode_event
 from service.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
-from service.mappings import Mappings
-from service.model import ID_TYPES, Action, AudienceChange, DlqReason, IdType, MatchError, Rejected, Skipped
+from service.mappings import AudienceMapping, Mappings
+from service.model import (
+    ID_TYPES,
+    Action,
+    AudienceChange,
+    AudienceNeeded,
+    DlqReason,
+    IdType,
+    MatchError,
+    Rejected,
+    Skipped,
+)
 from service.schemas import SchemaNotLoaded, SchemaStore
 
 NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
@@ -68,7 +79,7 @@ class ResolverSettings:
 class Processed:
     """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
 
-    outcome: AudienceChange | Skipped | Rejected
+    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded
     match_errors: tuple[MatchError, ...]
     event_format: str  # "segment" | "canonical_json" | "canonical_avro" | "confluent_avro" | "unknown"
 
@@ -149,6 +160,8 @@ class Resolver:
             raise ValueError("max_record_bytes must be positive")
         self.settings = settings
         self.mappings = mappings
+        # (advertiser id, audience name) → id of an audience created on demand; shared with the audience store.
+        self.created_audiences: Mapping[tuple[str, str], str] = {}
         self._schemas = schemas
         self._enter = frozenset(settings.enter_event_names)
         self._exit = frozenset(settings.exit_event_names)
@@ -209,7 +222,9 @@ class Resolver:
 
     # -- Segment Engage --------------------------------------------------------------------------------------
 
-    def _segment(self, ev: dict[str, Any]) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
+    def _segment(
+        self, ev: dict[str, Any]
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
         etype = ev.get("type")
         if etype == "track":
             bag_name = "properties"
@@ -301,7 +316,7 @@ class Resolver:
         mapping = self.mappings.get(audience_key) if audience_key is not None else None
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
-            if audience_id is None:
+            if audience_id is None and not _creatable(mapping):
                 looked = f"{bag_name}.external_audience_id (absent), context.personas.external_audience_id (absent)"
                 return self._missing_audience(audience_key, looked, True, mapping is not None), errors
         advertiser_id = explicit_adv or personas_adv
@@ -314,6 +329,11 @@ class Resolver:
                         f"{bag_name}.advertiser_id (absent), context.personas.audience_settings.advertiserId (absent)"
                     )
                     return self._missing_advertiser(audience_key, looked, mapping is not None), errors
+        if audience_id is None:
+            created = self._created_audience(mapping, audience_key, advertiser_id)
+            if not isinstance(created, str):
+                return created, errors
+            audience_id = created
         event_time = _iso_ms(ev.get("timestamp"))
         if event_time is None:
             event_time = _iso_ms(ev.get("originalTimestamp"))
@@ -322,7 +342,9 @@ class Resolver:
 
     # -- canonical event (JSON or Avro) ----------------------------------------------------------------------
 
-    def _canonical(self, ev: dict[str, Any]) -> tuple[AudienceChange | Skipped | Rejected, tuple[MatchError, ...]]:
+    def _canonical(
+        self, ev: dict[str, Any]
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
         audience_key = ev.get("audience_key")
         if type(audience_key) is not str or not audience_key:
             return Rejected(_INVALID, 'canonical event: "audience_key" must be a non-empty string'), ()
@@ -350,7 +372,7 @@ class Resolver:
         audience_id = explicit_aud
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
-            if audience_id is None:
+            if audience_id is None and not _creatable(mapping):
                 return self._missing_audience(audience_key, "audience_id (absent)", False, mapping is not None), errors
         advertiser_id = explicit_adv
         if advertiser_id is None:
@@ -359,6 +381,11 @@ class Resolver:
                 advertiser_id = self._default_advertiser
                 if advertiser_id is None:
                     return self._missing_advertiser(audience_key, "advertiser_id (absent)", mapping is not None), errors
+        if audience_id is None:
+            created = self._created_audience(mapping, audience_key, advertiser_id)
+            if not isinstance(created, str):
+                return created, errors
+            audience_id = created
         change = AudienceChange(
             advertiser_id,
             audience_id,
@@ -421,6 +448,16 @@ class Resolver:
             return "no MAPPINGS_FILE configured"
         return f"no entry in {self.mappings.source}"
 
+    def _created_audience(
+        self, mapping: AudienceMapping | None, audience_key: str | None, advertiser_id: str
+    ) -> str | AudienceNeeded:
+        """The id of an audience created on demand, or what to create (the record waits for it)."""
+        assert mapping is not None and mapping.audience_name is not None and audience_key is not None
+        known = self.created_audiences.get((advertiser_id, mapping.audience_name))
+        if known is not None:
+            return known
+        return AudienceNeeded(audience_key, advertiser_id, mapping.audience_name)
+
     def _missing_audience(self, audience_key: str | None, looked: str, segment: bool, has_entry: bool) -> Rejected:
         fix_event = "set external_audience_id in Segment" if segment else "set audience_id in the event"
         if audience_key is None:
@@ -461,6 +498,10 @@ class Resolver:
             f"no TikTok advertiser id {subject}: looked for {looked}, {mapping} and DEFAULT_ADVERTISER_ID "
             "(not set); add advertiser_id to the mapping or set DEFAULT_ADVERTISER_ID, then replay",
         )
+
+
+def _creatable(mapping: AudienceMapping | None) -> bool:
+    return mapping is not None and mapping.create_if_missing and bool(mapping.audience_name)
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -74,6 +74,15 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class AudienceNeeded:
+    """The mapping says "create this audience if missing" and it does not exist yet: hold the record until it does."""
+
+    audience_key: str
+    advertiser_id: str
+    audience_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class MatchError:
     """An identifier that could not be normalised: dropped from the row, counted by type and reason."""
 
@@ -81,4 +90,4 @@ class MatchError:
     reason: str
 
 
-Outcome = AudienceChange | Skipped | Rejected
+Outcome = AudienceChange | Skipped | Rejected | AudienceNeeded

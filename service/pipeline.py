@@ -22,6 +22,7 @@ import orjson
 from confluent_kafka import KafkaError, Message
 
 from . import metrics as m
+from .audience_creation import AudienceCreator
 from .batcher import Batch, Batcher, Row
 from .dead_letters import DeadLetter, dead_letter_headers
 from .dlq_guard import DlqGuard
@@ -29,7 +30,7 @@ from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer, DeliveryError
 from .mappings import Mappings
 from .membership import Processed, Resolver
-from .model import AudienceChange, DlqReason, Rejected, Skipped
+from .model import AudienceChange, AudienceNeeded, DlqReason, Outcome, Rejected, Skipped
 from .retry import Backoff, TokenBucket
 from .schema_registry import RegistryUnavailable
 from .schemas import SchemaNotLoaded
@@ -74,6 +75,7 @@ class PipelineOptions:
     auth_retry_s: float = 15.0
     max_qps: float = 40.0
     registry_retry_s: float = 5.0
+    audience_warmup_s: float = 180.0
     # Replay runs until the topic is drained: stop after this long with nothing consumed and nothing pending.
     stop_when_idle_s: float | None = None
 
@@ -114,8 +116,13 @@ class Pipeline:
         schema_fetcher: SchemaFetcher | None = None,
         intake: IntakeHook | None = None,
         guard: DlqGuard | None = None,
+        creator: AudienceCreator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.creator = creator
+        if creator is not None:
+            resolver.created_audiences = creator.store.ids  # the same dict: ids appear as the store learns them
+        self._held_for_audience: dict[tuple[str, str], list[Source]] = {}
         self.intake = intake
         self.guard = guard or DlqGuard(0, 0.0, clock)
         self._guard_open = asyncio.Event()
@@ -318,18 +325,76 @@ class Pipeline:
         counts[("consumed", tp.topic)] += 1
         for me in processed.match_errors:
             counts[("match_error", me.id_type, me.reason)] += 1
-        outcome = processed.outcome
+        self._route(src, processed.outcome)
+
+    def _route(self, src: Source, outcome: Outcome) -> None:
+        """Send a resolved record on its way: batch, skip, wait for its audience, or dead-letter."""
+        counts = self._counts
         if isinstance(outcome, AudienceChange):
             self.guard.ok()
             counts[("valid", outcome.id_schema)] += 1
-            for old in self.batcher.add(ref, outcome, src):
+            for old in self.batcher.add(src.ref, outcome, src):
                 counts[("superseded",)] += 1
                 self._finish(old.ref, old.source)
         elif isinstance(outcome, Skipped):
             counts[("skipped", outcome.reason)] += 1
-            self._finish(ref, src)
+            self._finish(src.ref, src)
+        elif isinstance(outcome, AudienceNeeded):
+            self._hold_for_audience(src, outcome)
         else:
             self._spawn(self._dead_letter(src, DeadLetter(outcome.reason, outcome.error)))
+
+    # -- audiences created on demand ------------------------------------------------------------------------
+
+    def _hold_for_audience(self, src: Source, need: AudienceNeeded) -> None:
+        """Records for an audience still to be created wait (uncommitted, in order) until it exists."""
+        if self.creator is None:
+            self._spawn(
+                self._dead_letter(
+                    src,
+                    DeadLetter(
+                        DlqReason.MISSING_AUDIENCE_ID,
+                        f'audience_key "{need.audience_key}" is create_if_missing, but this process cannot '
+                        "create audiences; replay it through the running service",
+                    ),
+                )
+            )
+            return
+        ref = (need.advertiser_id, need.audience_name)
+        held = self._held_for_audience.setdefault(ref, [])
+        held.append(src)
+        if len(held) == 1:
+            self._spawn(self._create_then_release(ref))
+
+    async def _create_then_release(self, ref: tuple[str, str]) -> None:
+        assert self.creator is not None
+        result = await self.creator.ensure(ref)
+        held = [s for s in self._held_for_audience.pop(ref, []) if self.live.get(s.ref) is s]
+        if isinstance(result, str):
+            for src in held:
+                try:
+                    outcome = self.resolver.process(src.value, src.headers).outcome
+                except SchemaNotLoaded:  # it decoded a moment ago, so its schema is cached
+                    outcome = Rejected(DlqReason.INVALID_PAYLOAD, "schema no longer available")
+                self._route(src, outcome)
+            self._flush_counts()
+            self._wake.set()
+            return
+        for src in held:
+            self._spawn(
+                self._dead_letter(src, DeadLetter(result.reason, result.error, 1, result.code, result.request_id))
+            )
+
+    def _recently_created(self, batch: Batch) -> bool:
+        """TikTok refuses mappings for a minute or two after creating an audience: that is not a bad row."""
+        if self.creator is None:
+            return False
+        now = time.time()
+        for row in batch.rows:
+            created = self.creator.store.created_at(row.change.audience_id)
+            if created is not None and now - created < self.opt.audience_warmup_s:
+                return True
+        return False
 
     def _finish(self, ref: RecordRef, source: Any) -> None:
         """A record reached a final outcome; stale completions (revoked, re-consumed) are ignored."""
@@ -480,6 +545,8 @@ class Pipeline:
                     continue
                 if self.auth_ok is False:
                     self._auth_restored()
+                if v is Verdict.REJECTED and self._recently_created(batch):
+                    v = Verdict.RETRY  # the post-creation window: retried within the budget
                 if v in (Verdict.SPLIT, Verdict.REJECTED) and len(batch.rows) > 1:
                     half = len(batch.rows) // 2
                     for part in (batch.rows[:half], batch.rows[half:]):
@@ -643,16 +710,11 @@ class Pipeline:
             outcome = self.resolver.process(src.value, src.headers).outcome
         except SchemaNotLoaded:
             return letter
-        if isinstance(outcome, AudienceChange):
-            for old in self.batcher.add(src.ref, outcome, src):
-                m.EVENTS_SUPERSEDED.inc()
-                self._finish(old.ref, old.source)
-            self._wake.set()
-            return None
         if isinstance(outcome, Rejected):
             return DeadLetter(outcome.reason, outcome.error)
-        m.EVENTS_SKIPPED.labels(outcome.reason).inc()
-        self._finish(src.ref, src)
+        self._route(src, outcome)
+        self._flush_counts()
+        self._wake.set()
         return None
 
     # -- statistics -----------------------------------------------------------------------------------------

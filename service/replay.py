@@ -65,7 +65,7 @@ from .kafka.consumer import SourceConsumer
 from .kafka.producer import AsyncProducer
 from .mappings import Mappings
 from .membership import Resolver
-from .model import AudienceChange, Skipped
+from .model import AudienceChange, AudienceNeeded, Skipped
 from .schemas import SchemaNotLoaded, SchemaStore
 from .watermarks import TopicPartition
 
@@ -310,6 +310,8 @@ def _would(resolver: Resolver, value: bytes | None, headers: Headers | None) -> 
         return "sync"
     if isinstance(outcome, Skipped):
         return f"skip ({outcome.reason})"
+    if isinstance(outcome, AudienceNeeded):
+        return "sync after creating its audience"
     return f"fail again ({outcome.reason.value})"
 
 

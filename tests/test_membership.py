@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from service.mappings import Mappings, parse_mappings
 from service.membership import NOT_AUDIENCE_EVENT, Processed, Resolver, ResolverSettings
-from service.model import ID_TYPES, Action, AudienceChange, DlqReason, MatchError, Rejected, Skipped
+from service.model import ID_TYPES, Action, AudienceChange, AudienceNeeded, DlqReason, MatchError, Rejected, Skipped
 from service.schemas import SchemaNotLoaded, SchemaStore, load_canonical_schema
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -533,10 +533,21 @@ def test_missing_audience_id_without_audience_key() -> None:
     assert "there is no audience key (context.personas.computation_key, properties.audience_key)" in error
 
 
-def test_create_if_missing_is_not_available_yet() -> None:
-    error = rejected(run(segment_track(True, key="new_lookalike_seed")), DlqReason.MISSING_AUDIENCE_ID)
-    assert "audiences.new_lookalike_seed is create_if_missing" in error
-    assert "audience creation is not available yet" in error
+def test_create_if_missing_asks_for_the_audience_until_it_exists() -> None:
+    event = segment_track(True, key="new_lookalike_seed")
+    resolver = Resolver(ResolverSettings(), MAPPINGS, SchemaStore())
+    outcome = resolver.process(orjson.dumps(event), None).outcome
+    assert outcome == AudienceNeeded("new_lookalike_seed", "7654321098765432109", "Lookalike seed - Q4")
+    resolver.created_audiences = {("7654321098765432109", "Lookalike seed - Q4"): "888"}
+    change = resolver.process(orjson.dumps(event), None).outcome
+    assert isinstance(change, AudienceChange)
+    assert change.audience_id == "888"
+
+
+def test_create_if_missing_for_canonical_events() -> None:
+    doc = {"audience_key": "new_lookalike_seed", "action": "add", "email": "a@b.co"}
+    resolver = Resolver(ResolverSettings(), MAPPINGS, SchemaStore())
+    assert isinstance(resolver.process(orjson.dumps(doc), None).outcome, AudienceNeeded)
 
 
 def test_missing_advertiser_text() -> None:

@@ -43,11 +43,16 @@ class SandboxServer:
         audiences: Iterable[tuple[str, str]] = (),
         auto_create: bool = False,
         max_rows_per_request: int = 10_000,
+        audience_ready_delay_s: float = 0.0,
         shutdown_timeout: float = 2.0,
     ) -> None:
         self.host = host
         self.port = port
-        self.state = state or SandboxState(auto_create=auto_create, max_rows_per_request=max_rows_per_request)
+        self.state = state or SandboxState(
+            auto_create=auto_create,
+            max_rows_per_request=max_rows_per_request,
+            audience_ready_delay_s=audience_ready_delay_s,
+        )
         self.state.register_all(advertisers, audiences)
         self._tokens = frozenset(tokens) if tokens is not None else frozenset({DEFAULT_TOKEN})
         self._faults = faults
@@ -125,6 +130,7 @@ class SandboxThread:
         audiences: Iterable[tuple[str, str]] = (),
         auto_create: bool = False,
         max_rows_per_request: int = 10_000,
+        audience_ready_delay_s: float = 0.0,
     ) -> None:
         self._server = SandboxServer(
             host,
@@ -136,6 +142,7 @@ class SandboxThread:
             audiences=audiences,
             auto_create=auto_create,
             max_rows_per_request=max_rows_per_request,
+            audience_ready_delay_s=audience_ready_delay_s,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -253,6 +260,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit-qps", type=float, help="answer 40100 above this many mapping calls per second")
     p.add_argument("--seed", type=int, help="seed of the fault plan's random choices")
     p.add_argument("--max-rows", type=int, default=10_000, help="rows per mapping request before 40061")
+    p.add_argument(
+        "--audience-ready-delay",
+        type=float,
+        default=0.0,
+        help="seconds a created audience refuses mappings (TikTok's warm-up; default 0)",
+    )
     return p
 
 
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         audiences=args.audience,
         auto_create=args.auto_create,
         max_rows_per_request=args.max_rows,
+        audience_ready_delay_s=args.audience_ready_delay,
     )
     try:
         asyncio.run(_serve(server))

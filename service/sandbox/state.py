@@ -93,6 +93,8 @@ class Audience:
     members: dict[str, set[str]] = field(default_factory=dict)
     # A fixed `cover_num` for tests and demos (e.g. a large audience without uploading 1,000 users).
     cover_override: int | None = None
+    # Audiences created through segment/audience refuse mappings until then (TikTok's 1-2 minute warm-up).
+    ready_at: datetime | None = None
 
     @property
     def cover_num(self) -> int:
@@ -206,9 +208,11 @@ class SandboxState:
         max_rows_per_request: int = 10_000,
         auto_create: bool = False,
         request_log_size: int = 10_000,
+        audience_ready_delay_s: float = 0.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.max_rows_per_request = max_rows_per_request
+        self.audience_ready_delay_s = audience_ready_delay_s
         self.auto_create = auto_create
         self._clock = clock
         self._lock = threading.RLock()
@@ -364,6 +368,8 @@ class SandboxState:
             raise param_error("invalid audience ID")
         if audience.advertiser_id not in advertiser_ids:
             raise param_error("invalid audience ID")
+        if audience.ready_at is not None and self._clock() < audience.ready_at:
+            raise param_error("invalid audience ID")  # what TikTok answers while a new audience warms up
 
     def apply_mapping(self, req: MappingRequest) -> None:
         with self._lock:
@@ -391,7 +397,11 @@ class SandboxState:
             self.check_advertiser(advertiser_id)
             if action == "create":
                 name = _non_empty_str(_require(body, "custom_audience_name"), "custom_audience_name")
-                return {"audience_id": self.add_audience(advertiser_id, None, name)}
+                audience_id = self.add_audience(advertiser_id, None, name)
+                if self.audience_ready_delay_s > 0:
+                    ready = self._clock() + timedelta(seconds=self.audience_ready_delay_s)
+                    self.audiences[audience_id].ready_at = ready
+                return {"audience_id": audience_id}
             target = _non_empty_str(_require(body, "delete_audience_id"), "delete_audience_id")
             self._owned_audience(advertiser_id, target)
             del self.audiences[target]
