@@ -1,0 +1,83 @@
+"""Metric names and label sets are a contract with dashboards and alerts: changing one must be deliberate."""
+
+from prometheus_client import Metric
+
+from service import metrics as m
+
+# (exposed family name, type, label names). Counters are exposed with `_total`.
+EXPECTED = {
+    ("audience_sync_build", "info", ("version",)),
+    ("audience_sync_events_consumed", "counter", ("topic",)),
+    ("audience_sync_events_skipped", "counter", ("reason",)),
+    ("audience_sync_events_uploaded", "counter", ("action",)),
+    ("audience_sync_events_superseded", "counter", ()),
+    ("audience_sync_events_dead_lettered", "counter", ("reason",)),
+    ("audience_sync_dead_letter_failures", "counter", ()),
+    ("audience_sync_identifiers", "counter", ("type", "outcome")),
+    ("audience_sync_match_errors", "counter", ("type", "reason")),
+    ("audience_sync_batches_sent", "counter", ("action", "trigger")),
+    ("audience_sync_rows_sent", "counter", ("action",)),
+    ("audience_sync_batch_rows", "histogram", ()),
+    ("audience_sync_upload_duration_seconds", "histogram", ("status_class",)),
+    ("audience_sync_tiktok_answers", "counter", ("status_class", "verdict")),
+    ("audience_sync_upload_retries", "counter", ("cause",)),
+    ("audience_sync_rate_limit_wait_seconds", "counter", ()),
+    ("audience_sync_rate_limit_qps", "gauge", ()),
+    ("audience_sync_inflight_requests", "gauge", ()),
+    ("audience_sync_pending_events", "gauge", ()),
+    ("audience_sync_paused_partitions", "gauge", ()),
+    ("audience_sync_event_to_ack_seconds", "histogram", ()),
+    ("audience_sync_consumer_lag_records", "gauge", ("topic", "partition")),
+    ("audience_sync_auth_ok", "gauge", ()),
+    ("audience_sync_rebalances", "counter", ("event",)),
+    ("audience_sync_last_upload_success_timestamp_seconds", "gauge", ()),
+    ("audience_sync_dlq_guard_tripped", "gauge", ()),
+    ("audience_sync_mappings_reloads", "counter", ("outcome",)),
+    ("audience_sync_mappings_entries", "gauge", ()),
+}
+
+# Labels whose values come from a closed set: cardinality stays bounded whatever the traffic.
+BOUNDED_LABELS = {
+    "topic",
+    "partition",
+    "reason",
+    "action",
+    "type",
+    "outcome",
+    "trigger",
+    "status_class",
+    "verdict",
+    "cause",
+    "event",
+    "version",
+}
+
+
+def _declared() -> set[tuple[str, str, tuple[str, ...]]]:
+    out = set()
+    for collector in list(m.REGISTRY._collector_to_names):
+        name = getattr(collector, "_name", "")
+        if name.startswith("audience_sync_"):
+            labels = tuple(collector._labelnames)
+            if collector._type == "info":
+                labels = ("version",)  # Info's label set is given at `.info()` time
+            out.add((name, collector._type, labels))
+    return out
+
+
+def test_metric_names_and_label_sets_are_stable() -> None:
+    assert _declared() == EXPECTED
+
+
+def test_no_label_can_carry_a_user_or_an_audience() -> None:
+    labels = {label for _, _, ls in EXPECTED for label in ls}
+    assert labels <= BOUNDED_LABELS
+    assert not labels & {"user", "email", "phone", "audience", "audience_id", "advertiser", "advertiser_id"}
+
+
+def test_exposition_uses_base_units_and_total_suffixes() -> None:
+    families: list[Metric] = [f for f in m.REGISTRY.collect() if f.name.startswith("audience_sync_")]
+    for fam in families:
+        if fam.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
+        assert "_ms" not in fam.name and "_milliseconds" not in fam.name
