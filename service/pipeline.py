@@ -542,6 +542,7 @@ class Pipeline:
                     return
                 if v is Verdict.AUTH:
                     await self._auth_outage(answer)
+                    first_failure, attempt = None, 0  # waiting for a good token spends no retry budget
                     continue
                 if self.auth_ok is False:
                     self._auth_restored()
@@ -588,6 +589,7 @@ class Pipeline:
         while (wait := self.bucket.acquire()) > 0:
             m.RATE_LIMIT_WAIT.inc(wait)
             await asyncio.sleep(wait)
+        m.RATE_LIMIT_QPS.set(self.bucket.rate)  # it recovers additively after a rate-limit answer
         async with self._send_slots:
             m.INFLIGHT.inc()
             t0 = time.perf_counter()

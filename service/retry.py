@@ -11,6 +11,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+RETRY_AFTER_CEILING_S = 600.0
+
 
 @dataclass(slots=True)
 class Backoff:
@@ -20,11 +22,15 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random)
 
     def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Sleep before retry number `attempt` (1-based); TikTok's `Retry-After` is a floor."""
+        """Sleep before retry number `attempt` (1-based).
+
+        A `Retry-After` is a floor even above `max_s` (the server said when), bounded only by a sanity ceiling;
+        the total budget still decides whether waiting that long is worth it.
+        """
         cap = min(self.max_s, self.base_s * (2 ** min(attempt - 1, 30)))
         d = self.rng.uniform(0, cap)
         if retry_after_s is not None:
-            d = max(d, min(retry_after_s, self.max_s))
+            d = max(d, min(retry_after_s, RETRY_AFTER_CEILING_S))
         return d
 
     def exhausted(self, first_failure_at: float, now: float, next_delay: float) -> bool:

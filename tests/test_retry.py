@@ -19,10 +19,11 @@ def test_full_jitter_bounds() -> None:
             assert 0 <= b.delay(attempt) <= cap
 
 
-def test_retry_after_is_a_floor_capped_by_max() -> None:
+def test_retry_after_is_a_floor_even_above_max_but_sanely_bounded() -> None:
     b = Backoff(base_s=0.5, max_s=30.0, rng=random.Random(1))
     assert b.delay(1, retry_after_s=5) >= 5
-    assert b.delay(1, retry_after_s=500) <= 30
+    assert b.delay(1, retry_after_s=45) == 45
+    assert b.delay(1, retry_after_s=86_400) == 600
 
 
 def test_budget() -> None:

@@ -177,17 +177,23 @@ async def _serve_fault(
     def record(status: int, code: int | None) -> None:
         state.record(replace(rec, status=status, code=code, fault=fault.kind))
 
+    response: web.Response | None = None
     if fault.kind == "code":
         code = fault.code or 0
         record(200, code)
-        return envelope(code, fault.tiktok_message)
-    if fault.kind == "http":
+        response = envelope(code, fault.tiktok_message)
+    elif fault.kind == "http":
         status = fault.status or 502
         record(status, None)
         if fault.html:
-            return web.Response(status=status, text=NGINX_502, content_type="text/html")
-        code = fault.code if fault.code is not None else (40100 if status == 429 else 50000)
-        return envelope(code, fault.message or _reason(status), status=status)
+            response = web.Response(status=status, text=NGINX_502, content_type="text/html")
+        else:
+            code = fault.code if fault.code is not None else (40100 if status == 429 else 50000)
+            response = envelope(code, fault.message or _reason(status), status=status)
+    if response is not None:
+        if fault.retry_after_s is not None:
+            response.headers["Retry-After"] = f"{fault.retry_after_s:g}"
+        return response
     if fault.kind == "timeout":
         record(0, None)
         await _wait_or_closing(runtime, fault.delay_s or 0.0)

@@ -31,6 +31,7 @@ RATE_LIMIT_MESSAGE: Final = CODE_MESSAGES[REQUEST_TOO_FREQUENT]
 
 _RULE_KEYS: Final = frozenset(
     {"kind", "path", "probability", "count", "advertiser_id", "code", "status", "html", "delay_s", "message"}
+    | {"retry_after_s"}
     | {"fired"}  # ignored: lets a plan read from GET /_sandbox/faults be posted back
 )
 _PLAN_KEYS: Final = frozenset({"rules", "seed", "rate_limit_qps", "rate_limit_path"})
@@ -75,6 +76,7 @@ class FaultRule:
     html: bool = False
     delay_s: float | None = None
     message: str | None = None
+    retry_after_s: float | None = None  # sent as a `Retry-After` header with `code` and `http` answers
     fired: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,11 +125,12 @@ class FaultRule:
             html=html,
             delay_s=_num(d, "delay_s", None),
             message=_opt_str(d, "message"),
+            retry_after_s=_num(d, "retry_after_s", None),
         )
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind, "path": self.path, "probability": self.probability}
-        for key in ("count", "advertiser_id", "code", "status", "delay_s", "message"):
+        for key in ("count", "advertiser_id", "code", "status", "delay_s", "message", "retry_after_s"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -155,6 +158,7 @@ class Fault:
     status: int | None = None
     html: bool = False
     delay_s: float | None = None
+    retry_after_s: float | None = None
 
     @property
     def tiktok_message(self) -> str:
@@ -231,6 +235,7 @@ class FaultPlan:
                 status=rule.status,
                 html=rule.html,
                 delay_s=rule.delay_s,
+                retry_after_s=rule.retry_after_s,
             )
         return self._rate_limit(path, now)
 
