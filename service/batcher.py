@@ -49,7 +49,8 @@ class Row:
 
     def _rekey(self) -> None:
         c = self.change
-        self.keys = tuple((c.advertiser_id, c.audience_id, t, h) for t, h in self.cells.items())
+        adv, aud = c.advertiser_id, c.audience_id
+        self.keys = tuple([(adv, aud, t, h) for t, h in self.cells.items()])
 
     def cell_keys(self) -> tuple[CellKey, ...]:
         return self.keys

@@ -51,7 +51,10 @@ class AudienceChange:
 
     @property
     def id_schema(self) -> tuple[IdType, ...]:
-        return tuple(t for t, _ in self.identifiers)
+        ids = self.identifiers
+        if len(ids) == 1:  # the common case, on the hot path
+            return (ids[0][0],)
+        return tuple([t for t, _ in ids])
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,13 +228,14 @@ class Pipeline:
                     log.warning("consume error: %s", err)
                 continue
             tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
-            if tp in skip:
-                continue
-            rewound_to = self._rewound.get(tp)
-            if rewound_to is not None:
-                if msg.offset() != rewound_to:
-                    continue  # fetched before the seek: the partition is re-read from `rewound_to`
-                del self._rewound[tp]
+            if skip or self._rewound:  # rare: a registry outage rewound a partition
+                if tp in skip:
+                    continue
+                rewound_to = self._rewound.get(tp)
+                if rewound_to is not None:
+                    if msg.offset() != rewound_to:
+                        continue  # fetched before the seek: the partition is re-read from `rewound_to`
+                    del self._rewound[tp]
             value, headers = msg.value(), cast(Headers | None, msg.headers())
             if self.intake is not None:
                 skip_reason, headers = self.intake(msg, headers)
@@ -323,8 +324,9 @@ class Pipeline:
         self.live[ref] = src
         counts = self._counts
         counts[("consumed", tp.topic)] += 1
-        for me in processed.match_errors:
-            counts[("match_error", me.id_type, me.reason)] += 1
+        if processed.match_errors:
+            for me in processed.match_errors:
+                counts[("match_error", me.id_type, me.reason)] += 1
         self._route(src, processed.outcome)
 
     def _route(self, src: Source, outcome: Outcome) -> None:

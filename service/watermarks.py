@@ -80,14 +80,14 @@ class Watermarks:
         self._parts: dict[TopicPartition, PartitionWatermark] = {}
 
     def track(self, ref: RecordRef) -> None:
-        tp = ref.tp
-        wm = self._parts.get(tp)
+        # `ref[:2]` is a plain tuple equal to (and hashing like) the TopicPartition key, and cheaper to make.
+        wm = self._parts.get(ref[:2])  # type: ignore[call-overload]
         if wm is None:
-            wm = self._parts[tp] = PartitionWatermark()
+            wm = self._parts[ref.tp] = PartitionWatermark()
         wm.track(ref.offset)
 
     def finish(self, ref: RecordRef) -> None:
-        wm = self._parts.get(ref.tp)
+        wm = self._parts.get(ref[:2])  # type: ignore[call-overload]
         if wm is not None:  # a revoked partition's late completions are ignored
             wm.finish(ref.offset)
 

@@ -56,3 +56,32 @@ def test_rows_for_several_audiences_of_one_advertiser_share_a_request() -> None:
     batch = _batch(a, b)
     doc = orjson.loads(mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows))
     assert [row[0]["audience_ids"] for row in doc["batch_data"]] == [["1"], ["2"]]
+
+
+def test_text_body_equals_the_dict_form_for_random_batches() -> None:
+    import random
+
+    from service.model import ID_TYPES
+
+    rng = random.Random(9)
+    b = Batcher(clock=lambda: 0.0, max_rows=10_000)
+    for i in range(500):
+        types = sorted(rng.sample(range(4), rng.randint(1, 4)))
+        ids = tuple((ID_TYPES[t], f"{rng.getrandbits(256):064x}") for t in types)
+        b.add(RecordRef("t", 0, i), AudienceChange("7000000000000000001", str(rng.randint(1, 5)), Action.DELETE, ids))
+    for batch in b.ready(force=True):
+        expected = {
+            "advertiser_ids": [batch.advertiser_id],
+            "action": batch.action.value,
+            "id_schema": list(batch.id_schema),
+            "batch_data": [
+                [
+                    {"id": r.cells[t], "audience_ids": [r.change.audience_id]} if t in r.cells else {}
+                    for t in batch.id_schema
+                ]
+                for r in batch.rows
+            ],
+        }
+        body = mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows)
+        assert orjson.loads(body) == expected
+        assert len(body) <= sum(r.nbytes for r in batch.rows) + 200, "the byte estimate bounds the real size"
