@@ -4,6 +4,7 @@ their lifecycles (aiohttp app factory + cleanup contexts, as aiohttp-demos does)
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -166,7 +167,19 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper cyclic collections.
+
+    Tens of thousands of buffered rows are alive at any time and almost none are in reference cycles, yet with
+    the default thresholds every 700 allocations start a collection that walks them: a fifth of the CPU in
+    profiles. Startup objects are frozen out of collection, and young-generation collections are rarer.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def _main(settings: Settings) -> None:
+    tune_gc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
     await serve(settings, os.environ, stop)

@@ -110,7 +110,7 @@ PAUSED_PARTITIONS = Gauge(
 EVENT_TO_ACK = Histogram(
     P + "event_to_ack_seconds",
     "From the event's time to TikTok's acknowledgement.",
-    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900),
+    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900),
     registry=REGISTRY,
 )
 CONSUMER_LAG = Gauge(

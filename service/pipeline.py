@@ -69,7 +69,7 @@ class PipelineOptions:
     max_inflight: int = 4
     max_pending: int = 50_000
     consume_batch: int = 1000
-    consume_timeout_s: float = 0.1
+    consume_timeout_s: float = 0.02  # consume() waits this long for a full batch: a latency floor
     drain_timeout_s: float = 20.0
     revoke_timeout_s: float = 10.0
     auth_retry_s: float = 15.0
