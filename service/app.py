@@ -28,7 +28,7 @@ from .kafka.producer import AsyncProducer
 from .mappings import Mappings, MappingsError, load_mappings
 from .mappings_watch import MappingsWatcher
 from .membership import Resolver, ResolverSettings
-from .pipeline import Pipeline, PipelineOptions
+from .pipeline import IntakeHook, Pipeline, PipelineOptions
 from .retry import Backoff
 from .schema_registry import SchemaRegistryClient
 from .schemas import SchemaStore
@@ -61,6 +61,64 @@ def load_initial_mappings(s: Settings) -> Mappings:
         raise ConfigError(f"MAPPINGS_FILE: {exc}") from None
 
 
+def backoff(settings: Settings) -> Backoff:
+    return Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random())
+
+
+def build_pipeline(
+    settings: Settings,
+    environ: Mapping[str, str],
+    session: aiohttp.ClientSession,
+    token: TokenSource,
+    mappings: Mappings,
+    dlq: AsyncProducer,
+    dlq_topic: str,
+    *,
+    intake: IntakeHook | None = None,
+    guard: bool = True,
+) -> Pipeline:
+    """The pipeline as `run` configures it; `replay --mode process` reuses it on the dead-letter topic."""
+    schemas = SchemaStore()
+    fetcher = (
+        SchemaRegistryClient(session, settings.schema_registry_url, schemas) if settings.schema_registry_url else None
+    )
+    tiktok = TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s)
+    return Pipeline(
+        resolver=Resolver(resolver_settings(settings), mappings, schemas),
+        batcher=Batcher(
+            max_rows=settings.batch_max_rows,
+            max_bytes=settings.batch_max_bytes,
+            linger_s=settings.batch_linger_ms / 1000,
+            clock=time.monotonic,
+        ),
+        uploader=tiktok,
+        dlq=dlq,
+        dlq_topic=dlq_topic,
+        backoff=backoff(settings),
+        options=PipelineOptions(
+            max_inflight=settings.max_inflight_requests,
+            max_pending=settings.max_pending_events,
+            # one consume call may overshoot the cap by at most a quarter of it
+            consume_batch=max(1, min(1000, settings.max_pending_events // 4)),
+            drain_timeout_s=settings.drain_timeout_s,
+            revoke_timeout_s=settings.revoke_timeout_s,
+            auth_retry_s=settings.auth_retry_s,
+            max_qps=settings.tiktok_max_qps,
+        ),
+        schema_fetcher=fetcher,
+        intake=intake,
+        creator=AudienceCreator(
+            AudienceStore(client_config(settings, environ), settings.audience_store),
+            AudiencesApi(tiktok),
+            backoff(settings),
+            auth_retry_s=settings.auth_retry_s,
+        ),
+        guard=DlqGuard(settings.dlq_guard_max_consecutive, settings.dlq_guard_cooldown_s, time.monotonic)
+        if guard
+        else None,
+    )
+
+
 async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Event) -> None:
     """Run until `stop` is set, then drain and commit. Raises ConfigError before anything starts."""
     mappings = load_initial_mappings(settings)
@@ -80,44 +138,8 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
     token = TokenSource(settings)
     connector = aiohttp.TCPConnector(limit=settings.max_inflight_requests * 2, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, json_serialize=None) as session:  # type: ignore[arg-type]
-        store = SchemaStore()
-        fetcher = (
-            SchemaRegistryClient(session, settings.schema_registry_url, store) if settings.schema_registry_url else None
-        )
-        resolver = Resolver(resolver_settings(settings), mappings, store)
-        tiktok = TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s)
         dlq = AsyncProducer(producer_config(settings, environ))
-        pipeline = Pipeline(
-            resolver=resolver,
-            batcher=Batcher(
-                max_rows=settings.batch_max_rows,
-                max_bytes=settings.batch_max_bytes,
-                linger_s=settings.batch_linger_ms / 1000,
-                clock=time.monotonic,
-            ),
-            uploader=tiktok,
-            dlq=dlq,
-            dlq_topic=settings.dead_letter_topic,
-            backoff=Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
-            options=PipelineOptions(
-                max_inflight=settings.max_inflight_requests,
-                max_pending=settings.max_pending_events,
-                # one consume call may overshoot the cap by at most a quarter of it
-                consume_batch=max(1, min(1000, settings.max_pending_events // 4)),
-                drain_timeout_s=settings.drain_timeout_s,
-                revoke_timeout_s=settings.revoke_timeout_s,
-                auth_retry_s=settings.auth_retry_s,
-                max_qps=settings.tiktok_max_qps,
-            ),
-            schema_fetcher=fetcher,
-            creator=AudienceCreator(
-                AudienceStore(client_config(settings, environ), settings.audience_store),
-                AudiencesApi(tiktok),
-                Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
-                auth_retry_s=settings.auth_retry_s,
-            ),
-            guard=DlqGuard(settings.dlq_guard_max_consecutive, settings.dlq_guard_cooldown_s, time.monotonic),
-        )
+        pipeline = build_pipeline(settings, environ, session, token, mappings, dlq, settings.dead_letter_topic)
         cconf["stats_cb"] = pipeline.on_stats
         cconf["error_cb"] = pipeline.on_error
         consumer = SourceConsumer(

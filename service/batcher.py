@@ -13,7 +13,6 @@ TikTok's membership state is per (audience, identifier type, hash) cell, so orde
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
@@ -109,7 +108,7 @@ class Batcher:
         self._buffers: dict[BatchKey, _Buffer] = {}
         self._pending_cells: dict[CellKey, Row] = {}
         self._row_buffer: dict[int, _Buffer] = {}
-        self._inflight_cells: Counter[CellKey] = Counter()
+        self._inflight_cells: dict[CellKey, int] = {}  # cell → requests in flight carrying it
         self._ids = count(1)
         self.pending_rows = 0
 
@@ -201,10 +200,12 @@ class Batcher:
         rows: list[Row] = []
         nbytes = 0
         inflight = self._inflight_cells
+        free = inflight.keys().isdisjoint
+        max_rows, max_bytes = self.max_rows, self.max_bytes
         for row in buf.rows.values():
-            if len(rows) >= self.max_rows or (rows and nbytes + row.nbytes > self.max_bytes):
+            if len(rows) >= max_rows or (rows and nbytes + row.nbytes > max_bytes):
                 break
-            if inflight and any(ck in inflight for ck in row.keys):
+            if inflight and not free(row.keys):
                 continue  # an older change to one of its cells is still in flight: wait for its outcome
             rows.append(row)
             nbytes += row.nbytes
@@ -215,17 +216,17 @@ class Batcher:
             self._remove_row(buf, row)
             for ck in row.keys:
                 del pending[ck]
-                inflight[ck] += 1
+                inflight[ck] = inflight.get(ck, 0) + 1
         return Batch(next(self._ids), buf.key, rows, trigger)
 
     def release(self, rows: Iterable[Row]) -> None:
         """Rows reached a final outcome (uploaded or dead-lettered): their cells are no longer in flight."""
         inflight = self._inflight_cells
         for row in rows:
-            for ck in row.cell_keys():
-                n = inflight[ck] - 1
-                if n > 0:
-                    inflight[ck] = n
+            for ck in row.keys:
+                n = inflight[ck]
+                if n > 1:
+                    inflight[ck] = n - 1
                 else:
                     del inflight[ck]
 

@@ -608,17 +608,11 @@ async def _process(
     progress: Progress,
     mappings: Mappings,
 ) -> int:
-    import random
 
     import aiohttp
 
-    from .app import resolver_settings
-    from .batcher import Batcher
+    from .app import build_pipeline
     from .config import TokenSource, consumer_config
-    from .pipeline import Pipeline, PipelineOptions
-    from .retry import Backoff
-    from .schema_registry import SchemaRegistryClient
-    from .tiktok.client import TikTokClient
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -640,33 +634,10 @@ async def _process(
     token = TokenSource(settings)
     connector = aiohttp.TCPConnector(limit=settings.max_inflight_requests * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
-        store = SchemaStore()
-        fetcher = (
-            SchemaRegistryClient(session, settings.schema_registry_url, store) if settings.schema_registry_url else None
-        )
         dlq = _CountingProducer(producer_config(settings, environ), summary)
-        pipeline = Pipeline(
-            resolver=Resolver(resolver_settings(settings), mappings, store),
-            batcher=Batcher(
-                max_rows=settings.batch_max_rows,
-                max_bytes=settings.batch_max_bytes,
-                linger_s=settings.batch_linger_ms / 1000,
-                clock=time.monotonic,
-            ),
-            uploader=TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s),
-            dlq=dlq,
-            dlq_topic=summary.topic,
-            backoff=Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random()),
-            options=PipelineOptions(
-                max_inflight=settings.max_inflight_requests,
-                max_pending=settings.max_pending_events,
-                drain_timeout_s=settings.drain_timeout_s,
-                revoke_timeout_s=settings.revoke_timeout_s,
-                auth_retry_s=settings.auth_retry_s,
-                max_qps=settings.tiktok_max_qps,
-            ),
-            schema_fetcher=fetcher,
-            intake=intake,
+        # No DLQ guard: a replay is an operator's deliberate run over records that already failed.
+        pipeline = build_pipeline(
+            settings, environ, session, token, mappings, dlq, summary.topic, intake=intake, guard=False
         )
         conf: dict[str, Any] = dict(consumer_config(settings, environ))
         conf.update({"group.id": summary.group, "enable.partition.eof": True, "error_cb": pipeline.on_error})

@@ -18,6 +18,8 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka import TopicPartition as KTP
 
 from service.broker import LocalBroker, free_port
+from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
+from service.sandbox import SandboxThread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,14 @@ class Topics:
         self.group = f"sync-{suffix}"
         self.partitions = partitions
         broker.create_topics({self.source: partitions, self.dlq: 1})
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxThread]:
+    """The TikTok sandbox knowing the sample traffic's advertiser and audiences."""
+    audiences = [(a.advertiser_id, a.audience_id) for a in DEFAULT_AUDIENCES]
+    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
+        yield s
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from confluent_kafka import KafkaError, Message, Producer
 
 from service.broker import LocalBroker
 from service.dead_letters import header_value
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, expected_membership, generate
+from service.sample import expected_membership, generate
 from service.sandbox import SandboxThread
 
 from .conftest import ServiceProcess, Topics, committed, read_all, wait_until
@@ -45,13 +45,6 @@ _PARTITION = re.compile(r"\[(\d+)\]")
 @pytest.fixture
 def topics(broker: LocalBroker) -> Topics:
     return Topics(broker, PARTITIONS)
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxThread]:
-    audiences = [(a.advertiser_id, a.audience_id) for a in DEFAULT_AUDIENCES]
-    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
-        yield s
 
 
 def owned(svc: ServiceProcess) -> set[int]:

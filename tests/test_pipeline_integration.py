@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import orjson
 import pytest
 
 from service.broker import LocalBroker
 from service.dead_letters import header_value
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, SampleEvent, expected_membership, generate
+from service.sample import DEFAULT_AUDIENCES, SampleEvent, expected_membership, generate
 from service.sandbox import SandboxThread
 
 from .conftest import ServiceProcess, Topics, committed, produce, read_all, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxThread]:
-    audiences = [(a.advertiser_id, a.audience_id) for a in DEFAULT_AUDIENCES]
-    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
-        yield s
 
 
 def membership(sandbox: SandboxThread) -> dict[str, dict[str, set[str]]]:

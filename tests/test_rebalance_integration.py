@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from service.broker import LocalBroker
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, expected_membership, generate
+from service.sample import expected_membership, generate
 from service.sandbox import SandboxThread
 
 from .conftest import ServiceProcess, Topics, produce, wait_until
 from .test_pipeline_integration import mapping_requests, membership
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxThread]:
-    audiences = [(a.advertiser_id, a.audience_id) for a in DEFAULT_AUDIENCES]
-    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
-        yield s
 
 
 def test_second_replica_joins_mid_stream_and_partitions_are_handed_over_cleanly(
