@@ -61,6 +61,9 @@ SERVICE_CONFIG = {
     "MAX_INFLIGHT_REQUESTS": "8",
     "DRAIN_TIMEOUT_S": "10",
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
+    # tansu answers a fetch that finds no new data only at fetch.wait.max.ms (Kafka answers as soon as data
+    # arrives), which would add up to librdkafka's 500 ms default to event→ack latency.
+    "KAFKA_FETCH_WAIT_MAX_MS": "100",
     "LOG_LEVEL": "INFO",
 }
 LATENCY_LINGER_MS = 200

@@ -21,9 +21,6 @@ CONSUMER_DEFAULTS: dict[str, str] = {
     "auto.offset.reset": "earliest",
     "enable.auto.offset.store": "false",
     "partition.assignment.strategy": "cooperative-sticky",
-    # Bounds how long an idle fetch waits at the broker: event→ack latency, not throughput (brokers that
-    # answer long polls only at the deadline would otherwise add up to librdkafka's 500 ms default).
-    "fetch.wait.max.ms": "100",
 }
 
 # Keys whose values never reach a log line.
