@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -118,32 +119,9 @@ class SandboxServer:
 class SandboxThread:
     """`SandboxServer` in a daemon thread with its own event loop, for code that is not async."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        state: SandboxState | None = None,
-        tokens: Iterable[str] | None = None,
-        faults: FaultPlan | None = None,
-        advertisers: Iterable[str] = (),
-        audiences: Iterable[tuple[str, str]] = (),
-        auto_create: bool = False,
-        max_rows_per_request: int = 10_000,
-        audience_ready_delay_s: float = 0.0,
-    ) -> None:
-        self._server = SandboxServer(
-            host,
-            port,
-            state=state,
-            tokens=tokens,
-            faults=faults,
-            advertisers=advertisers,
-            audiences=audiences,
-            auto_create=auto_create,
-            max_rows_per_request=max_rows_per_request,
-            audience_ready_delay_s=audience_ready_delay_s,
-        )
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **server_options: Any) -> None:
+        """`server_options` are `SandboxServer`'s keyword arguments (state, tokens, faults, advertisers, ...)."""
+        self._server = SandboxServer(host, port, **server_options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
