@@ -13,7 +13,7 @@ TikTok's membership state is per (audience, identifier type, hash) cell, so orde
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -169,13 +169,19 @@ class Batcher:
 
     # -- flushing -------------------------------------------------------------------------------------------
 
-    def ready(self, *, limit: int | None = None, force: bool = False) -> list[Batch]:
-        """Batches whose buffer hit a trigger, at most `limit`; `force` flushes everything sendable."""
+    def ready(self, *, limit: int | None = None, force: bool = False, hold: Container[BatchKey] = ()) -> list[Batch]:
+        """Batches whose buffer hit a trigger, at most `limit`; `force` flushes everything sendable.
+
+        Keys in `hold` (backing off after a retryable answer) keep buffering instead: one advertiser's outage must
+        not stop the others, and must not multiply requests to the failing one.
+        """
         now = self._clock()
         out: list[Batch] = []
         for buf in list(self._buffers.values()):
             if limit is not None and len(out) >= limit:
                 break
+            if buf.key in hold:
+                continue
             trigger = self._trigger(buf, now, force)
             while trigger is not None and (limit is None or len(out) < limit):
                 batch = self._cut(buf, trigger)
@@ -230,11 +236,10 @@ class Batcher:
                 else:
                     del inflight[ck]
 
-    def next_deadline(self) -> float | None:
-        """When the oldest buffered row lingers out (clock time), or None when nothing is buffered."""
-        if not self._buffers:
-            return None
-        return min(buf.oldest() for buf in self._buffers.values()) + self.linger_s
+    def next_deadline(self, hold: Container[BatchKey] = ()) -> float | None:
+        """When the oldest buffered row outside `hold` lingers out (clock time), or None when there is none."""
+        oldest = [buf.oldest() for buf in self._buffers.values() if buf.key not in hold]
+        return min(oldest) + self.linger_s if oldest else None
 
     # -- rebalance ------------------------------------------------------------------------------------------
 

@@ -104,7 +104,12 @@ PENDING = Gauge(
 )
 PAUSED_PARTITIONS = Gauge(
     P + "paused_partitions",
-    "Partitions paused (backpressure, retry backoff, auth outage, DLQ guard, registry outage).",
+    "Partitions paused (backpressure, auth outage, DLQ guard, registry outage).",
+    registry=REGISTRY,
+)
+BATCH_KEYS_BACKING_OFF = Gauge(
+    P + "batch_keys_backing_off",
+    "Batch keys (advertiser, action, identifier types) holding their buffer while a retry waits.",
     registry=REGISTRY,
 )
 EVENT_TO_ACK = Histogram(

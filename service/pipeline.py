@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, Message
 
 from . import metrics as m
 from .audience_creation import AudienceCreator
-from .batcher import Batch, Batcher, Row
+from .batcher import Batch, Batcher, BatchKey, Row
 from .dead_letters import DeadLetter, dead_letter_headers
 from .dlq_guard import DlqGuard
 from .kafka.consumer import SourceConsumer
@@ -144,6 +144,7 @@ class Pipeline:
         self._counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
         self._rewound: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
+        self._backing_off: dict[BatchKey, int] = {}  # batch key → its batches sleeping before a retry
         self._sending = 0
         self._send_slots = asyncio.Semaphore(options.max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -489,7 +490,7 @@ class Pipeline:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            deadline = self.batcher.next_deadline()
+            deadline = self.batcher.next_deadline(self._backing_off)
             timeout = None if deadline is None else max(0.0, deadline - self.clock()) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -502,7 +503,7 @@ class Pipeline:
         free = self.opt.max_inflight - self._sending
         if free <= 0:
             return
-        for batch in self.batcher.ready(limit=free, force=self._draining):
+        for batch in self.batcher.ready(limit=free, force=self._draining, hold=self._backing_off):
             m.BATCHES_SENT.labels(batch.action.value, batch.trigger).inc()
             m.ROWS_SENT.labels(batch.action.value).inc(len(batch.rows))
             m.BATCH_ROWS.observe(len(batch.rows))
@@ -574,12 +575,20 @@ class Pipeline:
                     self.bucket.throttled()
                     m.RATE_LIMIT_QPS.set(self.bucket.rate)
                 m.RETRIES.labels(_retry_cause(answer)).inc()
-                reason = f"backoff:{id(batch)}"
-                self.pauses.add({r.ref.tp for r in batch.rows}, reason)
+                # The key holds its buffer while it backs off; other keys keep flowing and consumption goes on
+                # until MAX_PENDING_EVENTS pauses it (offsets cannot pass the held rows anyway).
+                held = self._backing_off
+                held[batch.key] = held.get(batch.key, 0) + 1
+                m.BATCH_KEYS_BACKING_OFF.set(len(held))
                 try:
                     await asyncio.sleep(delay)
                 finally:
-                    self.pauses.remove(None, reason)
+                    if held[batch.key] > 1:
+                        held[batch.key] -= 1
+                    else:
+                        del held[batch.key]
+                    m.BATCH_KEYS_BACKING_OFF.set(len(held))
+                    self._wake.set()
         finally:
             if counted:
                 self._sending -= 1

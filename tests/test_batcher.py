@@ -160,3 +160,20 @@ def test_max_rows_bounds() -> None:
         Batcher(max_rows=10_001, clock=Clock())
     with pytest.raises(ValueError):
         Batcher(max_rows=0, clock=Clock())
+
+
+def test_held_key_keeps_buffering_while_other_keys_flush() -> None:
+    b, clock = make(max_rows=2, linger_s=1.0)
+    other = "7000000000000000002"
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
+    b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H3), adv=other))
+    held = {(ADV, Action.ADD, ("EMAIL_SHA256",))}
+    clock.t = 5.0
+    [batch] = b.ready(hold=held, force=True)
+    assert batch.advertiser_id == other, "the held key sends nothing, the other key flows"
+    assert b.pending_rows == 2
+    assert b.next_deadline(held) is None, "a held buffer must not wake the dispatcher in a busy loop"
+    assert b.next_deadline() == 1.0
+    [released] = b.ready()
+    assert released.advertiser_id == ADV and len(released.rows) == 2

@@ -193,6 +193,32 @@ def test_permission_error_dead_letters_one_advertiser_while_the_other_flows(
         assert svc.stop() == 0
 
 
+def test_one_advertiser_backing_off_does_not_stop_the_others(
+    broker: Any, topics: Topics, service_env: Env, services: Start
+) -> None:
+    failing = unique_events(20, AUD_A, "failing")
+    early = unique_events(10, AUD_B, "early")
+    late = unique_events(30, AUD_B, "late")
+    with sandbox() as sb:
+        sb.set_faults(plan({"kind": "http", "status": 503, "advertiser_id": ADV_A}))  # until cleared
+        send(broker, topics, [e for pair in zip(failing[:10], early, strict=True) for e in pair] + failing[10:])
+        svc = services(service_env(sb.url, **FAST))
+        wait_until(lambda: svc.metric("audience_sync_batch_keys_backing_off") >= 1, 30, "advertiser A backing off")
+        wait_until(lambda: membership(sb) == expected_membership(early), 30, "advertiser B's first events")
+        # Records produced while A backs off, on the same partitions as A's rows: they must still be consumed.
+        send(broker, topics, late)
+        wait_until(lambda: membership(sb) == expected_membership(early + late), 30, "B flowing during A's outage")
+        assert svc.metric("audience_sync_paused_partitions") == 0, "a backing-off key pauses no partition"
+        assert svc.metric("audience_sync_batch_keys_backing_off") >= 1, "A is still failing"
+        sb.set_faults(None)
+        wait_until(
+            lambda: membership(sb) == expected_membership(early + late + failing), 30, "A uploaded once TikTok is back"
+        )
+        assert svc.metric(DEAD) == 0
+        assert svc.metric(RETRIES) >= 1
+        assert svc.stop() == 0
+
+
 def test_rejected_rows_are_isolated_by_bisection(
     broker: Any, topics: Topics, service_env: Env, services: Start
 ) -> None:

@@ -26,6 +26,7 @@ EXPECTED = {
     ("audience_sync_inflight_requests", "gauge", ()),
     ("audience_sync_pending_events", "gauge", ()),
     ("audience_sync_paused_partitions", "gauge", ()),
+    ("audience_sync_batch_keys_backing_off", "gauge", ()),
     ("audience_sync_event_to_ack_seconds", "histogram", ()),
     ("audience_sync_consumer_lag_records", "gauge", ("topic", "partition")),
     ("audience_sync_auth_ok", "gauge", ()),
