@@ -17,10 +17,16 @@ is printed beside a baseline measured in the same run, because the box is shared
   latency          event time → TikTok ack p50/p99 (the service's histogram, interpolated like histogram_quantile)
                    at half the mixed row's rate, with fresh event timestamps, paced for ~20 s
   memory           peak RSS (VmHWM) of the service draining a 1,000,000-event backlog (200,000 with --quick)
-  profile          py-spy (raw collapsed stacks) of the service draining the mixed backlog; top frames printed
+  phone-options    national-format phone normalise+hash per second in this process, on the phone-national row's
+                   seeded input (same events/users, so the same repeats), each option bounded to --phone-seconds:
+                   (a) phonenumbers without the cache, (b) the service's LRU as shipped (warmed to its steady
+                   state), (c) a spawned process pool of nproc workers over (a) in chunks, (d) already-E.164 input
+                   (the fast path); ratios against (a), plus the LRU hit ratio of the input (bench/phone_options.py)
+  profile          py-spy (raw collapsed stacks) of the service draining the email backlog (the failing target),
+                   then the mixed one if the run's budget allows; top frames of each printed
 
 Results: a markdown table on stdout and in artifacts/bench/results.md, raw figures in artifacts/bench/results.json,
-child logs and the profile under artifacts/bench/.
+child logs and the profiles (profile-email.raw.txt, profile-mixed.raw.txt) under artifacts/bench/.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from bench import procs, profiling, workload
+from bench import phone_options, procs, profiling, workload
 from bench.procs import Children
 from service.broker import LocalBroker
 
@@ -52,7 +58,8 @@ ARTIFACTS = procs.ROOT / "artifacts" / "bench"
 P = "audience_sync_"
 POLL_S = 0.5
 E2E_ROWS = ("email", "phone-e164", "phone-national", "mixed", "avro")
-ALL_ROWS = (*E2E_ROWS, "latency", "memory", "scaling", "profile")
+ALL_ROWS = (*E2E_ROWS, "phone-options", "latency", "memory", "scaling", "profile")
+PROFILE_KINDS = ("email", "mixed")  # email first: its 100k target is the one failing
 
 # What the service is run with, so that the service and not the rate limiter is measured.
 SERVICE_CONFIG = {
@@ -112,7 +119,9 @@ class Bench:
         self.notes: list[str] = []
         self.rates: dict[str, float] = {}
         self.topics: dict[str, tuple[str, int]] = {}  # workload kind → (topic, records) already produced
-        self.profile: dict[str, Any] | None = None
+        self.profiles: dict[str, dict[str, Any]] = {}  # workload kind → profiling.summarise()
+        self.phone_options: dict[str, Any] | None = None
+        self.selected: list[str] = []
         self.superseded: dict[str, float] = {}
         self.t0 = time.monotonic()
         self.broker: LocalBroker | None = None
@@ -122,7 +131,7 @@ class Bench:
     # -- budget ------------------------------------------------------------------------------------------
 
     def remaining(self) -> float:
-        return self.args.budget - (time.monotonic() - self.t0)
+        return float(self.args.budget) - (time.monotonic() - self.t0)
 
     def timeout(self, wanted: float) -> float:
         """A phase timeout: what it wants, but never past the run's budget (at least 20 s)."""
@@ -418,7 +427,7 @@ class Bench:
         finally:
             self.stop_services(services)
             Children.stop(sandbox, 10)
-            if kind != "mixed":  # the profile row drains the mixed backlog again
+            if kind not in PROFILE_KINDS or "profile" not in self.selected:  # else the profile drains it again
                 self.delete_topic(topic)
                 self.topics.pop(kind, None)
         if kind == "email" or not any(r.name.startswith("ceiling") for r in self.rows):
@@ -549,7 +558,7 @@ class Bench:
         row.cpu = _fmt_cpu(cpu)
         row.baseline = f"half of mixed max {_fmt_rate(self.rates['mixed'])} ev/s; produced {_fmt_rate(achieved)}/s"
         row.target = f"p99 ≤ linger {LATENCY_LINGER_MS} ms + 250 ms"
-        if p99 is None or not d["ok"]:
+        if p50 is None or p99 is None or not d["ok"]:
             row.figure = "no acks observed" if d["ok"] else d["error"].splitlines()[0][:80]
             row.result = "FAIL"
         else:
@@ -703,26 +712,42 @@ class Bench:
             time.sleep(0.25)
         self.notes.append(f"scaling {len(services)}: group did not settle within {timeout_s:.0f}s")
 
-    def row_profile(self) -> None:
+    def rows_profile(self) -> None:
+        """The email drain under py-spy (the failing target), then mixed while the run's budget allows."""
+        for kind in PROFILE_KINDS:
+            if kind != PROFILE_KINDS[0] and self.remaining() < 60:
+                self.rows.append(Row(f"profile ({kind})", "skipped: run budget nearly used up", result="skipped"))
+                kept = self.topics.pop(kind, None)
+                if kept:
+                    self.delete_topic(kept[0])
+                continue
+            try:
+                self.row_profile(kind)
+            except (TimeoutError, RuntimeError) as e:
+                self.rows.append(Row(f"profile ({kind})", f"{e}".splitlines()[0][:100], result="FAIL"))
+                self.say(f"profile {kind}: {e}")
+
+    def row_profile(self, kind: str) -> None:
         n = self.args.events
         spy = profiling.py_spy_binary()
         if spy is None:
-            self.rows.append(Row("profile", "py-spy not installed (pip install py-spy)", result="error"))
+            self.rows.append(Row(f"profile ({kind})", "py-spy not installed (pip install py-spy)", result="error"))
             return
-        topic = self.backlog("mixed", n)
-        out = ARTIFACTS / "profile-mixed.raw.txt"
+        topic = self.backlog(kind, n)
+        out = ARTIFACTS / f"profile-{kind}.raw.txt"
         out.unlink(missing_ok=True)
-        sandbox, url = self.start_sandbox("profile")
+        sandbox, url = self.start_sandbox(f"profile-{kind}")
         services: list[Service] = []
         spy_proc: subprocess.Popen[bytes] | None = None
         mode = "attach"
         spy_argv = [spy, "record", "--format", "raw", "--rate", "100", "--nonblocking", "-o", str(out)]
+        spy_log = self.logs / f"py-spy-{kind}.log"
         try:
-            env = self.service_env(topic, f"bench-profile-{uuid.uuid4().hex[:6]}", url)
-            svc = self.start_service(env, "profile")
+            env = self.service_env(topic, f"bench-profile-{kind}-{uuid.uuid4().hex[:6]}", url)
+            svc = self.start_service(env, f"profile-{kind}")
             services = [svc]
             procs.wait_for(lambda: svc.proc.poll() is not None or procs.port_open(svc.port), 30, 0.05)
-            spy_proc = self.children.popen([*spy_argv, "--pid", str(svc.proc.pid)], log=self.logs / "py-spy.log")
+            spy_proc = self.children.popen([*spy_argv, "--pid", str(svc.proc.pid)], log=spy_log)
             time.sleep(1.5)
             if spy_proc.poll() is not None:
                 # no ptrace: let py-spy start the service itself
@@ -730,9 +755,9 @@ class Bench:
                 self.stop_services(services)
                 env = dict(env, HTTP_PORT=str(procs.free_port()))
                 spy_proc = self.children.popen(
-                    [*spy_argv, "--", procs.python(), "-m", "service", "run"], log=self.logs / "py-spy.log", env=env
+                    [*spy_argv, "--", procs.python(), "-m", "service", "run"], log=spy_log, env=env
                 )
-                services = [Service(spy_proc, int(env["HTTP_PORT"]), self.logs / "py-spy.log")]
+                services = [Service(spy_proc, int(env["HTTP_PORT"]), spy_log)]
             d = self.drain(services, n, self.timeout(self.args.row_timeout * 2), self.pids(services, sandbox))
         finally:
             if spy_proc is not None and mode == "attach":
@@ -742,24 +767,74 @@ class Bench:
                 Children.stop(spy_proc, 20)
             Children.stop(sandbox, 10)
             self.delete_topic(topic)
-            self.topics.pop("mixed", None)
-        row = Row("profile (mixed, py-spy 100 Hz)", "", data={"mode": mode, "drain": d, "artifact": str(out)})
+            self.topics.pop(kind, None)
+        row = Row(f"profile ({kind}, py-spy 100 Hz)", "", data={"mode": mode, "drain": d, "artifact": str(out)})
         if d["ok"]:
             row.figure = f"{_fmt_rate(d['eps'])} ev/s under py-spy"
             row.cpu = _fmt_cpu(d["cpu"])
-            if "mixed" in self.rates:
-                row.baseline = f"mixed {_fmt_rate(self.rates['mixed'])} ev/s"
-                row.ratio = f"{d['eps'] / self.rates['mixed']:.2f}x"
+            if kind in self.rates:
+                row.baseline = f"{kind} {_fmt_rate(self.rates[kind])} ev/s"
+                row.ratio = f"{d['eps'] / self.rates[kind]:.2f}x"
         else:
             row.figure = d["error"].splitlines()[0][:80]
             row.result = "error"
         if out.exists() and out.stat().st_size:
-            self.profile = profiling.summarise(out)
-            row.target = f"{out.relative_to(procs.ROOT)} ({self.profile['samples']} samples, {mode})"
+            prof = self.profiles[kind] = profiling.summarise(out)
+            row.target = f"{_rel(out)} ({prof['samples']} samples, {mode})"
         else:
-            row.target = f"no profile written ({mode}); see {self.logs / 'py-spy.log'}"
+            row.target = f"no profile written ({mode}); see {spy_log}"
             row.result = "error"
         self.rows.append(row)
+        self.say(f"profile {kind}: {row.figure}; {row.target}")
+
+    def row_phone_options(self) -> None:
+        """National-format phone normalise+hash options on the phone-national row's input (bench/phone_options.py)."""
+        n = self.args.events
+        self.say(f"phone-options: {n:,}-event phone-national sequence, {self.args.phone_seconds:g} s per option")
+        m = phone_options.measure(n, seconds=self.args.phone_seconds)
+        base = m["a_uncached"]["per_s"]
+        window = f"events {m['window'][0]:,}-{m['window'][1]:,} of the phone-national input"
+        specs = [
+            ("a_uncached", "(a) phonenumbers, no cache", f"{window}; every call parses"),
+            (
+                "b_lru",
+                f"(b) LRU {m['cache_size']:,} as shipped",
+                f"hit ratio {m['b_lru']['hit_ratio']:.1%} in the window, {m['lru_hit_ratio_all']:.1%} over all "
+                f"{m['events']:,} events ({m['users']:,} users)",
+            ),
+            (
+                "c_pool",
+                f"(c) process pool, {os.cpu_count()} workers",
+                f"uncached, chunks of {phone_options.CHUNK:,}; spawn {m['c_pool'].get('startup_s', 0):.1f} s not timed",
+            ),
+            ("d_e164", "(d) already-E.164 input (fast path)", "reference: the phone-e164 row's path"),
+        ]
+        for key, label, target in specs:
+            r = m[key]
+            row = Row(f"phone options {label}", "", data=r)
+            if "per_s" not in r:
+                row.figure, row.result = r.get("error", "error"), "error"
+                self.rows.append(row)
+                continue
+            row.figure = f"{_fmt_rate(r['per_s'])} phones/s normalise+hash"
+            row.baseline = f"(a) no cache {_fmt_rate(base)}/s"
+            row.ratio = f"{r['per_s'] / base:.2f}x of (a)"
+            row.target = target + f"; {r['items']:,} in {r['seconds']:.1f} s"
+            row.cpu = _fmt_cpu(r["cpu"])
+            self.rows.append(row)
+        self.notes.append(
+            f"phone options: LRU hit ratio of the phone-national input {m['lru_hit_ratio_all']:.1%} "
+            f"({m['events']:,} events over {m['users']:,} users, {m['distinct_numbers']:,} distinct numbers, "
+            f"cache {m['cache_size']:,}); measured in the harness process with no service running; the pool's "
+            "workers are counted as harness CPU, and in the service they would compete with the sandbox and broker "
+            "for the same cores"
+        )
+        self.phone_options = m
+        self.say(
+            "phone-options: "
+            + ", ".join(f"{k[0]} {_fmt_rate(m[k].get('per_s'))}/s" for k, _, _ in specs)
+            + f"; LRU hits {m['lru_hit_ratio_all']:.1%} ({m['total_s']:.1f} s)"
+        )
 
     # -- run ---------------------------------------------------------------------------------------------
 
@@ -768,6 +843,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         for old in self.logs.glob("*.log"):
             old.unlink()
+        self.selected = selected
         self.notes.append(f"nproc={os.cpu_count()}; load average at start {_loadavg()}")
         self.broker = LocalBroker(log_path=self.logs / "tansu.log").start()
         self.say(f"tansu on {self.bootstrap}")
@@ -786,7 +862,9 @@ class Bench:
                 elif name == "scaling":
                     self.row_scaling()
                 elif name == "profile":
-                    self.row_profile()
+                    self.rows_profile()
+                elif name == "phone-options":
+                    self.row_phone_options()
             except (TimeoutError, RuntimeError) as e:
                 self.rows.append(Row(name, f"{e}".splitlines()[0][:100], result="FAIL"))
                 self.say(f"{name}: {e}")
@@ -817,6 +895,13 @@ def _fmt_cpu(cpu: dict[str, float]) -> str:
         return ""
     keys = ("service", "sandbox", "broker", "harness", "other")
     return " / ".join(f"{cpu.get(k, 0):.0f}" for k in keys) + f" (box {cpu.get('box', 0):.0f})"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(procs.ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _loadavg() -> str:
@@ -866,13 +951,12 @@ def render(bench: Bench, elapsed: float) -> str:
         bench.notes.append(f"share of events superseded in the buffers (not uploaded): {share}")
     if bench.notes:
         out += ["", "Notes:", *[f"- {n}" for n in bench.notes]]
-    if bench.profile:
-        pr = bench.profile
-        out += ["", f"## CPU profile: top frames ({pr['samples']} samples, idle excluded)", ""]
+    for kind, pr in bench.profiles.items():
+        out += ["", f"## CPU profile, e2e {kind}: top frames ({pr['samples']} samples, idle excluded)", ""]
         out += ["Self time by function:"]
-        out += [f"  {pct:5.1f}%  {name}" for name, pct in pr["self_by_function"]]  # type: ignore[union-attr]
+        out += [f"  {pct:5.1f}%  {name}" for name, pct in pr["self_by_function"]]
         out += ["", "Inclusive time, service/ functions:"]
-        out += [f"  {pct:5.1f}%  {name}" for name, pct in pr["inclusive_service"]]  # type: ignore[union-attr]
+        out += [f"  {pct:5.1f}%  {name}" for name, pct in pr["inclusive_service"]]
     return "\n".join(out) + "\n"
 
 
@@ -886,12 +970,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-events", type=int, help="backlog of the memory row (default 1,000,000; --quick 200,000)")
     p.add_argument("--latency-seconds", type=float, help="measured seconds of paced traffic (default 20; --quick 8)")
     p.add_argument("--row-timeout", type=float, help="drain timeout per throughput row in seconds (default 120)")
+    p.add_argument(
+        "--phone-seconds", type=float, help="wall seconds per phone normalisation option (default 2; --quick 1)"
+    )
     p.add_argument("--budget", type=float, default=690.0, help="whole-run budget in seconds (default 690)")
     args = p.parse_args(argv)
     args.events = args.events or (50_000 if args.quick else 500_000)
     args.memory_events = args.memory_events or (200_000 if args.quick else 1_000_000)
     args.latency_seconds = args.latency_seconds or (8.0 if args.quick else 20.0)
     args.row_timeout = args.row_timeout or (60.0 if args.quick else 120.0)
+    args.phone_seconds = args.phone_seconds or (1.0 if args.quick else 2.0)
     selected = list(ALL_ROWS)
     if args.only:
         selected = []
@@ -934,7 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
                 "targets": TARGETS,
                 "rows": [r.__dict__ for r in bench.rows],
                 "notes": bench.notes,
-                "profile": bench.profile,
+                "profiles": bench.profiles,
+                "phone_options": bench.phone_options,
             },
             indent=2,
             default=str,

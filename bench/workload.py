@@ -33,7 +33,7 @@ KINDS = ("email", "phone-national", "phone-e164", "mixed", "avro")
 _AREA_CODES = (415, 628, 650, 212, 312, 617, 206, 512)
 _NATIONAL_FORMATS = ("({a}) {e:03d}-{l:04d}", "{a}-{e:03d}-{l:04d}", "{a}.{e:03d}.{l:04d}", "{a} {e:03d} {l:04d}")
 
-Record = tuple[bytes, bytes, list[tuple[str, bytes]] | None]  # key, value, headers
+Record = tuple[bytes, bytes, list[tuple[str, str | bytes | None]] | None]  # key, value, headers
 
 
 def _digits(i: int) -> tuple[int, int, int]:
@@ -90,24 +90,36 @@ class _Avro:
         return buf.getvalue()
 
 
+def user_count(count: int, users: int | None = None) -> int:
+    """How many distinct users `generate(kind, count, users=users)` draws from (default count // 2)."""
+    return max(1, users if users is not None else max(1000, count // 2))
+
+
+def picks(count: int, *, seed: int = 1, users: int | None = None) -> Iterator[tuple[int, int, bool]]:
+    """(user index, audience index, entered) per event: the seeded draws behind `generate`, without the payloads."""
+    n_users = user_count(count, users)
+    n_audiences = len(DEFAULT_AUDIENCES)
+    rng = random.Random(seed)
+    for _ in range(count):
+        i = rng.randrange(n_users)
+        a = rng.randrange(n_audiences)
+        yield i, a, rng.random() < 0.7
+
+
 def generate(kind: str, count: int, *, seed: int = 1, users: int | None = None) -> Iterator[Record]:
     """`count` records of `kind` over `users` users (default count // 2, so most events hit a fresh cell)."""
     if kind not in KINDS:
         raise ValueError(f"unknown workload {kind!r}; one of {', '.join(KINDS)}")
-    n_users = max(1, users if users is not None else max(1000, count // 2))
-    rng = random.Random(seed)
     audiences = DEFAULT_AUDIENCES
     avro = _Avro() if kind == "avro" else None
     cache: dict[int, SampleUser] = {}
-    for n in range(count):
-        i = rng.randrange(n_users)
+    for n, (i, a, entered) in enumerate(picks(count, seed=seed, users=users)):
         u = cache.get(i)
         if u is None:
             u = user(i, kind)
             if len(cache) < 200_000:
                 cache[i] = u
-        audience = audiences[rng.randrange(len(audiences))]
-        entered = rng.random() < 0.7
+        audience = audiences[a]
         if avro is not None:
             yield u.user_id.encode(), avro.encode(u, audience, entered, n), None
         else:

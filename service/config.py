@@ -7,12 +7,15 @@ passthrough (`KAFKA_<PROPERTY>`), the token-or-token-file rule, and one clear li
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .kafka import msk_iam
 
 DEFAULT_TIKTOK_API_URL = "https://business-api.tiktok.com/open_api/v1.3"
 
@@ -22,6 +25,8 @@ CONSUMER_DEFAULTS: dict[str, str] = {
     "enable.auto.offset.store": "false",
     "partition.assignment.strategy": "cooperative-sticky",
 }
+
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+")
 
 # Keys whose values never reach a log line.
 _SECRET_HINTS = ("password", "secret", "token", "key", "jaas")
@@ -37,6 +42,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     kafka_bootstrap_servers: str
+    kafka_msk_iam_region: str | None = None
     source_topic: str = "audience-membership"
     dlq_topic: str | None = None
     consumer_group: str = "audience-sync"
@@ -98,6 +104,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a numeric TikTok advertiser id")
         return v
 
+    @field_validator("kafka_msk_iam_region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is not None and not _AWS_REGION.fullmatch(v.strip()):
+            raise ValueError("must be an AWS region such as us-east-1")
+        return v.strip() if v is not None else None
+
     @field_validator("kafka_bootstrap_servers", "source_topic", "consumer_group", "tiktok_api_url")
     @classmethod
     def _not_blank(cls, v: str) -> str:
@@ -147,20 +160,43 @@ _UNDERSCORE_PROPERTIES = {"log_level"}
 
 
 def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:
-    """`KAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`; the bootstrap servers have their own field."""
+    """`KAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`; KAFKA_* settings of our own (the bootstrap
+    servers, the MSK IAM region) have their own fields."""
+    own = {name.upper() for name in Settings.model_fields if name.startswith("kafka_")}
     out: dict[str, str] = {}
     for name, value in environ.items():
         upper = name.upper()
-        if upper.startswith("KAFKA_") and upper != "KAFKA_BOOTSTRAP_SERVERS":
+        if upper.startswith("KAFKA_") and upper not in own:
             raw = upper[len("KAFKA_") :].lower()
             out[raw if raw in _UNDERSCORE_PROPERTIES else raw.replace("_", ".")] = value
     return out
 
 
-def consumer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.consumer_group}
+def msk_iam_config(settings: Settings, passthrough: Mapping[str, str]) -> dict[str, Any]:
+    """With KAFKA_MSK_IAM_REGION: SASL_SSL + OAUTHBEARER (unless set explicitly) and the token callback.
+
+    ConfigError when the signer is not installed or another SASL mechanism was set explicitly."""
+    region = settings.kafka_msk_iam_region
+    if region is None:
+        return {}
+    mechanism = passthrough.get("sasl.mechanism", "OAUTHBEARER")
+    if mechanism.upper() != "OAUTHBEARER":
+        raise ConfigError(
+            f"KAFKA_MSK_IAM_REGION: MSK IAM needs SASL mechanism OAUTHBEARER, but KAFKA_SASL_MECHANISM is {mechanism!r}"
+        )
+    try:
+        provider = msk_iam.MskIamTokenProvider(region)
+    except msk_iam.SignerUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+    return {**{k: v for k, v in msk_iam.SASL_DEFAULTS.items() if k not in passthrough}, "oauth_cb": provider}
+
+
+def consumer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
+    passthrough = kafka_passthrough(environ)
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.consumer_group}
     conf.update(CONSUMER_DEFAULTS)
-    conf.update(kafka_passthrough(environ))
+    conf.update(passthrough)
+    conf.update(msk_iam_config(settings, passthrough))
     return conf
 
 
@@ -182,14 +218,16 @@ _CONSUMER_ONLY = {
 }
 
 
-def client_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """Connection and security settings only: for the service's own producers and helper consumers."""
-    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers}
-    conf.update({k: v for k, v in kafka_passthrough(environ).items() if k not in _CONSUMER_ONLY})
+def client_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Connection and security settings only: for the service's own producers, admin and helper consumers."""
+    passthrough = kafka_passthrough(environ)
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    conf.update({k: v for k, v in passthrough.items() if k not in _CONSUMER_ONLY})
+    conf.update(msk_iam_config(settings, passthrough))
     return conf
 
 
-def producer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+def producer_config(settings: Settings, environ: Mapping[str, str]) -> dict[str, Any]:
     """The DLQ producer: idempotent, acks from all replicas; consumer-only passthrough keys are dropped."""
     return {**client_config(settings, environ), "enable.idempotence": "true", "acks": "all"}
 
@@ -204,9 +242,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     fields = Settings.model_fields
     values = {k.lower(): v for k, v in env.items() if k.lower() in fields and v != ""}
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    msk_iam_config(settings, kafka_passthrough(env))  # fail at startup, not at the first connection
+    return settings
 
 
 def _one_line(exc: ValidationError) -> str:

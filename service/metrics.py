@@ -83,8 +83,8 @@ UPLOAD_DURATION = Histogram(
 )
 TIKTOK_ANSWERS = Counter(
     P + "tiktok_answers_total",
-    "TikTok answers by status class and verdict.",
-    ["status_class", "verdict"],
+    "TikTok answers by HTTP status class, verdict and TikTok code (codes outside the table are `other`).",
+    ["status_class", "verdict", "code"],
     registry=REGISTRY,
 )
 RETRIES = Counter(P + "upload_retries_total", "Mapping requests retried, by cause.", ["cause"], registry=REGISTRY)

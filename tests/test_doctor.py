@@ -4,6 +4,9 @@ loopback and the real broker (tansu), one failure at a time, each with its hint 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from service.mappings import AudienceMapping, Mappings, MappingsError
 from service.sandbox import SandboxThread
 from service.tiktok.answers import Answer, Verdict
 from service.tiktok.audiences_api import AudienceInfo, TikTokApiError, UserInfo
-from tests.conftest import Topics
+from tests.conftest import ROOT, Topics
 
 ADV = "7654321098765432109"
 OTHER = "1111111111"
@@ -300,6 +303,57 @@ def test_missing_topic(doctor_env: DoctorEnv, topics: Topics, capsys: pytest.Cap
     assert lines[i].startswith("FAIL topic") and "does not exist" in lines[i]
     assert lines[i + 1].startswith("    fix: create it") and "SOURCE_TOPIC" in lines[i + 1]
     assert any(line.startswith("OK   topic") and topics.dlq in line for line in lines)
+
+
+@pytest.mark.integration
+def test_missing_dlq_topic(doctor_env: DoctorEnv, topics: Topics, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--timeout", "5", "--ascii"], doctor_env(GOOD, DLQ_TOPIC="no-such-dlq-x1"))
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if "no-such-dlq-x1" in line)
+    assert lines[i].startswith("FAIL topic") and "DLQ topic does not exist" in lines[i]
+    fix = lines[i + 1]
+    assert fix.startswith("    fix: create it") and "--topic no-such-dlq-x1 --partitions 1" in fix, fix
+    assert "DLQ_TOPIC" in fix and "SOURCE_TOPIC" not in fix
+    assert any(line.startswith("OK   topic") and topics.source in line for line in lines)
+    assert lines[-1].startswith("doctor: 1 failed, 0 warning(s)")
+
+
+@pytest.mark.integration
+def test_console_entry_point(doctor_env: DoctorEnv, topics: Topics) -> None:
+    """Through `python -m service doctor` (what the `audience-sync` script runs): wired, reads its settings from
+    the environment, prints the report, and exits 0 when all is well, 1 on a failed check, 2 on bad config."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "TIKTOK_"))}
+
+    def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service", "doctor", "--ascii", "--timeout", "5"],
+            env={**base, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = doctor(doctor_env(GOOD))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[-1] == "doctor: 0 failed, 0 warning(s), 8 ok, 0 skipped", ok.stdout
+    assert all(line.startswith(("OK ", "doctor:")) for line in lines), ok.stdout
+    assert any(f"{topics.source}: source topic, 4 partition(s)" in line for line in lines)
+    assert any("5,000 member(s)" in line for line in lines)
+    assert TOKEN not in ok.stdout + ok.stderr
+
+    failed = doctor(doctor_env(GOOD, TIKTOK_ACCESS_TOKEN="revoked-token"))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert any(line.startswith("FAIL token") and "40105" in line for line in failed.stdout.splitlines())
+    assert "    fix: " in failed.stdout and failed.stdout.splitlines()[-1].startswith("doctor: 1 failed")
+    assert "revoked-token" not in failed.stdout + failed.stderr
+
+    bad_config = doctor({k: v for k, v in doctor_env(GOOD).items() if k != "KAFKA_BOOTSTRAP_SERVERS"})
+    assert bad_config.returncode == 2 and bad_config.stdout == ""
+    assert "KAFKA_BOOTSTRAP_SERVERS" in bad_config.stderr and "Traceback" not in bad_config.stderr
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ EXPECTED = {
     ("audience_sync_rows_sent", "counter", ("action",)),
     ("audience_sync_batch_rows", "histogram", ()),
     ("audience_sync_upload_duration_seconds", "histogram", ("status_class",)),
-    ("audience_sync_tiktok_answers", "counter", ("status_class", "verdict")),
+    ("audience_sync_tiktok_answers", "counter", ("status_class", "verdict", "code")),
     ("audience_sync_upload_retries", "counter", ("cause",)),
     ("audience_sync_rate_limit_wait_seconds", "counter", ()),
     ("audience_sync_rate_limit_qps", "gauge", ()),
@@ -45,6 +45,7 @@ BOUNDED_LABELS = {
     "action",
     "type",
     "outcome",
+    "code",  # bounded by Answer.code_label: known codes, ranges, other, none
     "trigger",
     "status_class",
     "verdict",

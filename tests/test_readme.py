@@ -6,6 +6,8 @@ from service import metrics as m
 from service.config import Settings
 from service.model import DlqReason
 
+from .deploy import RUNBOOK_BASE, alert_rules
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
@@ -27,6 +29,25 @@ def test_every_metric_is_in_the_metrics_list() -> None:
 def test_every_dead_letter_reason_has_a_runbook_entry() -> None:
     missing = [r.value for r in DlqReason if f'id="runbook-{r.value}"' not in README]
     assert missing == []
+
+
+def test_every_alert_is_in_the_alerts_table_with_its_runbook_link() -> None:
+    section = README.split("\n### Alerts\n", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `") and cells:
+            rows[cells[0].strip("`")] = line
+    rules = {r["alert"]: r for r in alert_rules()}
+    assert sorted(rows) == sorted(rules), "the README alerts table lists exactly the alerts of alerts.yml"
+    for name, rule in rules.items():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith(RUNBOOK_BASE), f"{name}: {url}"
+        anchor = url.removeprefix(RUNBOOK_BASE)
+        anchors = [f"runbook-{r.value}" for r in DlqReason] if "{{" in anchor else [anchor]
+        for a in anchors:
+            assert f"(#{a})" in rows[name], f"{name}: its row does not link to #{a}"
+            assert f'<a id="{a}"></a>' in README, f"{name}: README has no runbook anchor {a}"
 
 
 def test_quick_start_shows_the_two_commands() -> None:

@@ -81,6 +81,18 @@ class Answer:
     retry_after_s: float | None = None
 
     @property
+    def code_label(self) -> str:
+        """Bounded label for metrics: a code from the table, its range (`51xxx`), `other`, or `none`."""
+        if self.code is None:
+            return "none"
+        if self.code in CODE_TABLE:
+            return str(self.code)
+        for lo, hi, _ in CODE_RANGES:
+            if lo <= self.code <= hi:
+                return f"{lo // 1000}xxx"
+        return "other"
+
+    @property
     def status_class(self) -> str:
         """Bounded label for metrics: 2xx/4xx/5xx, or the transport failure kind."""
         if self.http_status is None:

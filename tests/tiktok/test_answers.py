@@ -1,6 +1,6 @@
 import pytest
 
-from service.tiktok.answers import CODE_TABLE, Verdict, classify
+from service.tiktok.answers import CODE_TABLE, Answer, Verdict, classify
 
 RETRY_CODES = [
     40100,
@@ -76,3 +76,25 @@ def test_other_4xx() -> None:
     assert classify(403, None) is Verdict.PERMISSION
     assert classify(400, None) is Verdict.REJECTED
     assert classify(400, 40105) is Verdict.AUTH
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        (0, "0"),
+        (40100, "40100"),
+        (40002, "40002"),
+        (51063, "51xxx"),
+        (52204, "52xxx"),
+        (49999, "other"),
+        (None, "none"),
+    ],
+)
+def test_code_label_is_bounded(code: int | None, label: str) -> None:
+    answer = Answer(classify(200, code), 200, code, "")
+    assert answer.code_label == label
+
+
+def test_code_labels_have_bounded_cardinality() -> None:
+    labels = {Answer(Verdict.RETRY, 200, c, "").code_label for c in range(0, 100_000, 7)}
+    assert len(labels) <= len(CODE_TABLE) + 4, "one series per known code, never one per arbitrary code"
