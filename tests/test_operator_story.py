@@ -2,7 +2,8 @@
 key nobody mapped → `missing_audience_id` dead letters → `dlq inspect` names the key → the mapping is added →
 `replay` → the users are in the right TikTok audience, and replaying again changes nothing.
 
-The service is restarted after the mappings file is edited, so the story does not depend on live reload.
+In republish mode the service keeps running through the whole story: it picks up the edited mappings file live
+and syncs the replayed events. In process mode the service is stopped first and the replay itself does the work.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def dead_letters_for_unmapped_key(
     env: dict[str, str],
     services: Callable[[dict[str, str]], ServiceProcess],
     records: list[tuple[bytes, bytes]],
-) -> None:
+) -> ServiceProcess:
     """Acts 1-2: the service meets an audience key with no mapping and dead-letters every event of it."""
     produce(broker, topics.source, records)
     svc = services(env)
@@ -88,8 +89,8 @@ def dead_letters_for_unmapped_key(
         60,
         "every event of the unmapped key dead-lettered",
     )
-    assert svc.stop() == 0
     assert mapping_requests(sandbox) == 0 and members(sandbox) == {}
+    return svc
 
 
 def inspect_shows_the_key(capsys: pytest.CaptureFixture[str], topics: Topics, n: int) -> None:
@@ -120,11 +121,14 @@ def test_operator_story_republish(
     env = service_env(sandbox.url, MAPPINGS_FILE=str(path))
     operator_env(monkeypatch, broker, topics, MAPPINGS_FILE=str(path))
     records, expected = story_events(make_users(12, random.Random(42)))
-    dead_letters_for_unmapped_key(broker, topics, sandbox, env, services, records)
+    svc = dead_letters_for_unmapped_key(broker, topics, sandbox, env, services, records)
     inspect_shows_the_key(capsys, topics, len(records))
 
-    # Act 4: the operator adds the mapping, checks with a dry run, then replays.
+    # Act 4: the operator adds the mapping (the running service reloads it), checks with a dry run, then replays.
     write_mappings(path, MAPPED, UNMAPPED)
+    wait_until(
+        lambda: svc.metric("audience_sync_mappings_reloads_total", outcome="applied") >= 1, 15, "live mappings reload"
+    )
     dry = cli_json(capsys, replay.main, "--dry-run", "--json", "--audience-key", UNMAPPED.key)
     assert dry["with_current_mappings"] == {"sync": len(records)} and dry["republished"] == len(records)
     done = cli_json(capsys, replay.main, "--json", "--reason", "missing_audience_id")
@@ -132,11 +136,12 @@ def test_operator_story_republish(
     back = [m for m in read_all(broker, topics.source, 2 * len(records)) if header_value(m.headers(), "replay.count")]
     assert len(back) == len(records)
 
-    # Act 5: the service (restarted, so it reads the new file) syncs the replayed events into the right audience.
-    svc = services(env)
+    # Act 5: the same running service, with the reloaded mappings, syncs the replayed events into the audience.
     wait_until(lambda: members(sandbox) == expected, 60, "replayed users in the TikTok audience, exits applied")
-    wait_until(lambda: svc.metric("audience_sync_events_consumed_total") == len(records), 20, "replayed consumed")
-    assert svc.metric("audience_sync_events_dead_lettered_total") == 0, "nothing failed again"
+    wait_until(lambda: svc.metric("audience_sync_events_consumed_total") == 2 * len(records), 20, "replayed consumed")
+    dead = svc.metric("audience_sync_events_dead_lettered_total")
+    assert dead == len(records), "nothing failed again: only the first pass's dead letters"
+    assert svc.proc is not None and svc.proc.poll() is None, "no restart"
     requests = mapping_requests(sandbox)
 
     # Act 6: replaying again changes nothing.
@@ -165,10 +170,11 @@ def test_operator_story_process_mode(
     extra = {"TIKTOK_API_URL": sandbox.url, "TIKTOK_ACCESS_TOKEN": "sandbox-token", "BATCH_LINGER_MS": "100"}
     operator_env(monkeypatch, broker, topics, MAPPINGS_FILE=str(path), **extra)
     records, expected = story_events(make_users(12, random.Random(43)))
-    dead_letters_for_unmapped_key(broker, topics, sandbox, env, services, records)
+    svc = dead_letters_for_unmapped_key(broker, topics, sandbox, env, services, records)
+    assert svc.stop() == 0
     inspect_shows_the_key(capsys, topics, len(records))
 
-    # The replay itself loads the current file: no service restart in this story.
+    # The replay itself loads the current file: no service in this story.
     write_mappings(path, MAPPED, UNMAPPED)
     done = cli_json(capsys, replay.main, "--mode", "process", "--json", "--audience-key", UNMAPPED.key)
     assert (done["processed"], done["failed"], done["unfinished"]) == (len(records), 0, 0), done
