@@ -97,6 +97,16 @@ def expected_membership(events: list[SampleEvent]) -> dict[str, dict[str, set[st
     return out
 
 
+def iso_utc_ms(now: float) -> str:
+    """ISO-8601 UTC with milliseconds, seconds and milliseconds from the same reading.
+
+    `time.gmtime()` without an argument reads the kernel's coarse clock, which lags `time.time()` by up to a tick:
+    mixing the two stamped ~0.4% of events a whole second early (seen as a 1 s tail in the latency benchmark).
+    """
+    ms = int(now * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
 def segment_event(
     user: SampleUser, audience: SampleAudience, entered: bool, *, with_ids: bool = True
 ) -> dict[str, object]:
@@ -124,7 +134,7 @@ def segment_event(
         "event": "Audience Entered" if entered else "Audience Exited",
         "userId": user.user_id,
         "messageId": f"personas_{uuid.uuid4().hex}",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "timestamp": iso_utc_ms(time.time()),
         "context": context,
         "properties": {"audience_key": audience.key, audience.key: entered},
     }
