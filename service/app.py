@@ -113,7 +113,13 @@ def build_pipeline(
             backoff(settings),
             auth_retry_s=settings.auth_retry_s,
         ),
-        guard=DlqGuard(settings.dlq_guard_max_consecutive, settings.dlq_guard_cooldown_s, time.monotonic)
+        guard=DlqGuard(
+            settings.dlq_guard_max_consecutive,
+            settings.dlq_guard_cooldown_s,
+            time.monotonic,
+            max_ratio=settings.dlq_guard_max_ratio,
+            window=settings.dlq_guard_window,
+        )
         if guard
         else None,
     )

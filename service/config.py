@@ -82,6 +82,8 @@ class Settings(BaseSettings):
 
     dlq_guard_max_consecutive: int = Field(1000, ge=0)
     dlq_guard_cooldown_s: float = Field(300.0, gt=0)
+    dlq_guard_max_ratio: float = Field(0.0, ge=0, lt=1)
+    dlq_guard_window: int = Field(1000, ge=1)
 
     log_level: str = "INFO"
 

@@ -696,9 +696,9 @@ class Pipeline:
 
     def _trip_guard(self, reason: DlqReason) -> None:
         log.error(
-            "DLQ guard tripped: %d records in a row dead-lettered as %s; holding dead letters and pausing "
+            "DLQ guard tripped: %s dead-lettered as %s; holding dead letters and pausing "
             "consumption until the mappings file changes or %.0fs pass (see README runbook-%s)",
-            self.guard.max_consecutive,
+            self.guard.trip_cause,
             reason.value,
             self.guard.cooldown_s,
             reason.value,
