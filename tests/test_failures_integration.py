@@ -219,6 +219,21 @@ def test_one_advertiser_backing_off_does_not_stop_the_others(
         assert svc.stop() == 0
 
 
+def test_max_inflight_requests_bounds_concurrent_uploads(
+    broker: Any, topics: Topics, service_env: Env, services: Start
+) -> None:
+    events = unique_events(60, AUD_A, "inflight")
+    with sandbox() as sb:
+        sb.set_faults(plan({"kind": "slow", "delay_s": 0.3, "path": MAPPING}))  # every upload takes 0.3 s
+        send(broker, topics, events)
+        svc = services(service_env(sb.url, **FAST, BATCH_MAX_ROWS="5", MAX_INFLIGHT_REQUESTS="2"))
+        wait_until(lambda: membership(sb) == expected_membership(events), 60, "uploads through slow answers")
+        peak = sb.state.snapshot()["peak_concurrent_requests"]
+        assert isinstance(peak, dict)
+        assert peak[MAPPING] == 2, f"12 batches of 5 with 2 allowed in flight: {peak}"
+        assert svc.stop() == 0
+
+
 def test_rejected_rows_are_isolated_by_bisection(
     broker: Any, topics: Topics, service_env: Env, services: Start
 ) -> None:

@@ -136,6 +136,14 @@ def _abort(request: web.Request) -> web.Response:
 
 
 def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def counted(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE_KEY]
+        state.opened(path)
+        try:
+            return await handler(request)
+        finally:
+            state.closed(path)
+
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE_KEY]
         runtime = request.app[RUNTIME_KEY]
@@ -168,7 +176,7 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
         state.record(replace(rec, status=200, code=code, fault=fault.kind if fault else None))
         return envelope(code, message, data)
 
-    return handler
+    return counted
 
 
 async def _serve_fault(

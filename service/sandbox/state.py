@@ -219,6 +219,8 @@ class SandboxState:
         self.advertisers: dict[str, Advertiser] = {}
         self.audiences: dict[str, Audience] = {}
         self.request_counts: Counter[str] = Counter()
+        self.open_requests: Counter[str] = Counter()  # being served now, by path
+        self.peak_open_requests: Counter[str] = Counter()  # most served at once: asserts MAX_INFLIGHT_REQUESTS
         self.rejected_counts: Counter[int] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
@@ -492,6 +494,15 @@ class SandboxState:
         with self._lock:
             self.request_counts[path] += 1
 
+    def opened(self, path: str) -> None:
+        with self._lock:
+            self.open_requests[path] += 1
+            self.peak_open_requests[path] = max(self.peak_open_requests[path], self.open_requests[path])
+
+    def closed(self, path: str) -> None:
+        with self._lock:
+            self.open_requests[path] -= 1
+
     def record(self, rec: RequestRecord) -> None:
         with self._lock:
             self.request_log.append(rec)
@@ -525,6 +536,7 @@ class SandboxState:
                     for a in self.audiences.values()
                 },
                 "requests": dict(self.request_counts),
+                "peak_concurrent_requests": dict(self.peak_open_requests),
                 "rejected": {str(code): n for code, n in self.rejected_counts.items()},
                 "faults": dict(self.fault_counts),
             }
@@ -538,6 +550,7 @@ class SandboxState:
             for a in self.audiences.values():
                 a.members.clear()
             self.request_counts.clear()
+            self.peak_open_requests.clear()
             self.rejected_counts.clear()
             self.fault_counts.clear()
             self.request_log.clear()
