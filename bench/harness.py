@@ -1,6 +1,7 @@
 """The benchmark: `python -m bench [--quick] [--only ROW[,ROW]] [--events N]` (what `make bench` runs).
 
-Everything runs on this machine over 127.0.0.1: tansu (service.broker.LocalBroker), the TikTok sandbox as its own
+Everything runs on this machine over 127.0.0.1: tansu
+(service.devtools.broker.LocalBroker), the TikTok sandbox as its own
 process (`python -m service sandbox`) and the service as a real subprocess (`python -m service run`). Every figure
 is printed beside a baseline measured in the same run, because the box is shared and small (2 cores):
 
@@ -52,7 +53,7 @@ from confluent_kafka.admin import AdminClient
 
 from bench import phone_options, procs, profiling, workload
 from bench.procs import Children
-from service.broker import LocalBroker
+from service.devtools.broker import LocalBroker
 
 ARTIFACTS = procs.ROOT / "artifacts" / "bench"
 P = "audience_sync_"

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from bench import procs, workload
-from service import identifiers
+from service.core import identifiers
 
 REGION = "US"
 CHUNK = 1000  # items per timing check (single process) and per pool task

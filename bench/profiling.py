@@ -19,9 +19,9 @@ _ENTRY = frozenset(
         "<module> (service/__main__.py)",
         "main (service/cli.py)",
         "cmd_run (service/cli.py)",
-        "run (service/app.py)",
-        "_main (service/app.py)",
-        "serve (service/app.py)",
+        "run (service/commands/run.py)",
+        "_main (service/commands/run.py)",
+        "serve (service/commands/run.py)",
     }
 )
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*?)(?::(?P<line>\d+))?\)$")

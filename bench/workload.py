@@ -4,12 +4,12 @@ Kinds:
   email           Segment Engage track events, email only (1 in 7 messy: spaces and capitals)
   phone-national  phone only, US national formats: "(415) 555-0123", "415-555-0123", "415.555.0123", "415 555 0123"
   phone-e164      phone only, already E.164: "+14155550123" (the service's fast path)
-  mixed           like `service.sample.make_users(identifiers="mixed")`: email, phone on half, ad id on a third
+  mixed           like `service.devtools.sample.make_users(identifiers="mixed")`: email, phone on half, ad id on a third
   avro            the canonical event (schemas/audience_membership.avsc) as schemaless Avro, mixed identifiers;
                   no content-type header: the service detects it by the first byte
 
 User and audience picks, enter/exit, identifiers are a function of the seed; only Segment's messageId and the
-event timestamps are not (they are set at generation time, as `service.sample` does).
+event timestamps are not (they are set at generation time, as `service.devtools.sample` does).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import fastavro
 import orjson
 
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, SampleAudience, SampleUser, segment_event
-from service.schemas import load_canonical_schema
+from service.core.schemas import load_canonical_schema
+from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, SampleAudience, SampleUser, segment_event
 
 KINDS = ("email", "phone-national", "phone-e164", "mixed", "avro")
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, load_settings
+from service.config import ConfigError, load_settings
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -18,7 +18,7 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def cmd_run(_: argparse.Namespace) -> int:
-    from .app import run
+    from service.commands.run import run
 
     try:
         settings = load_settings()
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Subcommands with their own argument parsers take the rest of the line as is.
     passthrough = {
-        "sandbox": ("a local TikTok Business API stand-in", "service.sandbox.server"),
-        "produce-sample": ("publish realistic sample events", "service.sample"),
-        "demo": ("broker + sandbox + service + sample traffic on this machine (make run)", "service.demo"),
-        "replay": ("re-process or re-publish dead-lettered records", "service.replay"),
-        "dlq": ("inspect the dead-letter topic (`dlq inspect`)", "service.dlq_inspect"),
-        "audiences": ("create / list / get TikTok audiences", "service.audiences"),
-        "doctor": ("preflight: broker, topics, token, advertisers, audiences, mappings", "service.doctor"),
+        "sandbox": ("a local TikTok Business API stand-in", "service.devtools.sandbox.server"),
+        "produce-sample": ("publish realistic sample events", "service.devtools.sample"),
+        "demo": ("broker + sandbox + service + sample traffic on this machine (make run)", "service.devtools.demo"),
+        "replay": ("re-process or re-publish dead-lettered records", "service.commands.replay"),
+        "dlq": ("inspect the dead-letter topic (`dlq inspect`)", "service.commands.dlq_inspect"),
+        "audiences": ("create / list / get TikTok audiences", "service.commands.audiences"),
+        "doctor": ("preflight: broker, topics, token, advertisers, audiences, mappings", "service.commands.doctor"),
     }
     for name, (help_text, _) in passthrough.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .metrics import REGISTRY
+from service.metrics import REGISTRY
 
 Check = Callable[[], tuple[bool, str]]
 LIVE_KEY = web.AppKey[Check]("liveness")

@@ -18,9 +18,9 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka import TopicPartition as KTP
 
-from service.broker import LocalBroker, free_port
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
-from service.sandbox import SandboxThread
+from service.devtools.broker import LocalBroker, free_port
+from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
+from service.devtools.sandbox import SandboxThread
 
 ROOT = Path(__file__).resolve().parent.parent
 

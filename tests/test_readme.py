@@ -4,7 +4,7 @@ from pathlib import Path
 
 from service import metrics as m
 from service.config import Settings
-from service.model import DlqReason
+from service.core.model import DlqReason
 
 from .deploy import RUNBOOK_BASE, alert_rules
 

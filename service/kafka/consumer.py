@@ -16,7 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka import TopicPartition as KTP
 
-from ..watermarks import TopicPartition
+from service.core.watermarks import TopicPartition
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from .answers import Answer, Verdict
-from .client import TikTokClient
+from service.core.answers import Answer, Verdict
+from service.tiktok.client import TikTokClient
 
 NAME_MAX = 70  # TikTok keeps at most 70 characters of an audience name (segment/audience doc)
 GET_MAX_IDS = 100  # `custom_audience_ids` per dmp/custom_audience/get request

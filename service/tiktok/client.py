@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .answers import Answer, Verdict, classify
+from service.core.answers import Answer, Verdict, classify
 
 MAX_MESSAGE = 200
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import orjson
 
-from ..batcher import Row
-from ..model import Action, IdType
+from service.core.batcher import Row
+from service.core.model import Action, IdType
 
 
 def mapping_body(advertiser_id: str, action: Action, id_schema: Sequence[IdType], rows: Sequence[Row]) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.model import DlqReason
+from service.core.model import DlqReason
 
 from ..conftest import require_tool
 from . import (

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from service.config import Settings
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
+from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
 
 from ..conftest import require_tool
 from . import (
@@ -272,7 +272,7 @@ def test_access_token_comes_from_a_secret_file() -> None:
 
 
 def test_mappings_file_comes_from_a_configmap() -> None:
-    from service.mappings import load_mappings
+    from service.core.mappings import load_mappings
 
     vol, key = _mounted_file("MAPPINGS_FILE", "configMap")
     text = k8s_one("ConfigMap", vol["name"])["data"][key]
@@ -384,7 +384,12 @@ def test_dockerignore_keeps_what_the_image_copies() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for path in ("pyproject.toml", "service/__init__.py", "service/sandbox/app.py", "schemas/audience_membership.avsc"):
+    for path in (
+        "pyproject.toml",
+        "service/__init__.py",
+        "service/devtools/sandbox/app.py",
+        "schemas/audience_membership.avsc",
+    ):
         assert not dockerignore_excludes(patterns, path), f"{path} is excluded from the build context"
     for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "service/__pycache__/x.pyc"):
         assert dockerignore_excludes(patterns, path), f"{path} should not reach the build context"

@@ -1,6 +1,6 @@
 """A real Prometheus (Debian's binary) scrapes a real service and loads the project's alert rules.
 
-The service runs against the real broker (tansu) and the TikTok sandbox, as in tests/test_pipeline_integration.py.
+The service runs against the real broker (tansu) and the TikTok sandbox, as in tests/integration/test_pipeline.py.
 Prometheus uses deploy/prometheus/prometheus.yml with its intervals shortened to 1 s, its target pointed at the
 service on 127.0.0.1 and its rule file pointed at deploy/prometheus/alerts.yml.
 """
@@ -22,9 +22,9 @@ import orjson
 import pytest
 import yaml
 
-from service.broker import LocalBroker, free_port
-from service.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
-from service.sandbox import SandboxThread
+from service.devtools.broker import LocalBroker, free_port
+from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
+from service.devtools.sandbox import SandboxThread
 
 from ..conftest import ServiceProcess, Topics, produce, require_tool, wait_until
 from . import ALERTS, PROMETHEUS_YML, alert_rules, load_yaml

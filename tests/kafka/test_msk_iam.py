@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from service.commands.doctor import admin_config
 from service.config import (
     ConfigError,
     client_config,
@@ -28,9 +29,8 @@ from service.config import (
     mask,
     producer_config,
 )
-from service.dlq_reader import reader_config
-from service.doctor import admin_config
 from service.kafka import msk_iam
+from service.kafka.dlq_reader import reader_config
 from service.kafka.msk_iam import INSTALL_HINT, MskIamTokenProvider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,7 +198,7 @@ def test_token_never_appears_in_the_logged_effective_config(caplog: pytest.LogCa
     conf: dict[str, object] = dict(consumer_config(load_settings(MSK), MSK))
     token, _ = conf["oauth_cb"](None)  # type: ignore[operator]
     with caplog.at_level(logging.INFO):
-        logging.getLogger("service.app").info("starting: kafka=%s", mask(conf))  # as app.serve logs it
+        logging.getLogger("service.commands.run").info("starting: kafka=%s", mask(conf))  # as app.serve logs it
     assert token not in caplog.text and token[:40] not in caplog.text
     assert SECRET_KEY not in caplog.text and ACCESS_KEY not in caplog.text
     assert f"<MSK IAM token provider region={REGION}>" in caplog.text

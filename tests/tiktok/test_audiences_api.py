@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.broker import free_port
-from service.sandbox import SandboxServer
-from service.tiktok.answers import Answer, Verdict
+from service.core.answers import Answer, Verdict
+from service.devtools.broker import free_port
+from service.devtools.sandbox import SandboxServer
 from service.tiktok.audiences_api import (
     AUDIENCE_GET,
     AUDIENCE_LIST,

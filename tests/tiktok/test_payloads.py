@@ -1,9 +1,9 @@
 import orjson
 
-from service.batcher import Batcher
-from service.model import Action, AudienceChange
+from service.core.batcher import Batcher
+from service.core.model import Action, AudienceChange
+from service.core.watermarks import RecordRef
 from service.tiktok.payloads import mapping_body
-from service.watermarks import RecordRef
 
 EMAIL = "584c4423c421df49955759498a71495aba49b8780eb9387dff333b6f0982c777"  # sha256("testing@testing.com")
 PHONE = "c775e7b757ede630cd0aa1113bd102661ab38829ca52a6422ab782862f268646"  # sha256("1234567890")
@@ -61,7 +61,7 @@ def test_rows_for_several_audiences_of_one_advertiser_share_a_request() -> None:
 def test_text_body_equals_the_dict_form_for_random_batches() -> None:
     import random
 
-    from service.model import ID_TYPES
+    from service.core.model import ID_TYPES
 
     rng = random.Random(9)
     b = Batcher(clock=lambda: 0.0, max_rows=10_000)

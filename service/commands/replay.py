@@ -1,0 +1,743 @@
+"""`audience-sync replay`: send dead letters through again once their cause (usually a mapping) is fixed.
+
+Two modes:
+- `republish` (default) produces each selected letter back to the topic it first came from, with its original
+  key, value, timestamp and headers (minus `dlq.*`, `__connect.errors.*`), plus `replay.count` + 1. It goes to
+  the partition it was first read from when that topic still has it (so it stays behind the same key's older
+  events whatever partitioner the upstream producer used), else to the key's partition. The running service
+  then syncs it with its own mappings.
+- `process` runs the real pipeline on the dead-letter topic with the CURRENT MAPPINGS_FILE; records that fail
+  again are dead-lettered again (same topic) with the incremented count.
+
+Resume: the replay has its own consumer group (`<CONSUMER_GROUP>.replay`) and commits as records are handled
+(republish: after each batch is acknowledged by the broker; process: the pipeline's stored-offset commits), so
+an interrupted replay continues where it stopped; at most the last unacknowledged batch goes out twice. Filtered
+and over-limit (`--max-replays`) records are committed past: a later run of the same group will not see them
+again (use a new `--group` to re-read the whole topic).
+
+End of run: every partition reached the end reported by fetch responses (see `service.kafka.dlq_reader`), or
+nothing arrived for `--idle-timeout`. A letter written after the run started (a record failing again, or the
+live service) is never replayed in the same run: its partition stops there, uncommitted, for the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import TopicPartition as KTP
+
+from service.config import ConfigError, Settings, producer_config
+from service.core.mappings import Mappings
+from service.core.membership import Resolver
+from service.core.model import AudienceChange, AudienceNeeded, Skipped
+from service.core.schemas import SchemaNotLoaded, SchemaStore
+from service.core.watermarks import TopicPartition
+from service.kafka.consumer import SourceConsumer
+from service.kafka.dlq_reader import (
+    ORIGIN_OFFSET,
+    ORIGIN_PARTITION,
+    ORIGIN_TOPIC,
+    REPLAY_COUNT,
+    DeadLetterInfo,
+    FactFinder,
+    Headers,
+    OneLineParser,
+    TopicReader,
+    fail,
+    headers_of,
+    load_current_mappings,
+    parse_time,
+    partitions_of,
+    reader_config,
+    tool_settings,
+)
+from service.kafka.producer import AsyncProducer
+
+PROG = "audience-sync replay"
+_STRIP_ON_REPUBLISH = ("dlq.", "__connect.errors.", "replay.")
+
+
+def _offset_range(text: str) -> tuple[int, int, int | None]:
+    m = re.fullmatch(r"(\d+):(\d+)(?:-(\d*))?", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"--offsets {text!r}: expected PARTITION:START-END (e.g. 0:100-250)")
+    start = int(m.group(2))
+    end = int(m.group(3)) if m.group(3) else (start if m.group(3) is None else None)
+    if end is not None and end < start:
+        raise argparse.ArgumentTypeError(f"--offsets {text!r}: END is before START")
+    return int(m.group(1)), start, end
+
+
+def _when(text: str) -> datetime:
+    dt = parse_time(text)
+    if dt is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T10:00:00Z)")
+    return dt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("republish", "process"), default="republish", help="[republish]")
+    p.add_argument("--topic", help="dead-letter topic (default: DLQ_TOPIC, else <first SOURCE_TOPIC>.dlq)")
+    p.add_argument("--to-topic", help="republish: send here instead of each letter's dlq.source.topic")
+    p.add_argument("--group", help="replay consumer group (default: <CONSUMER_GROUP>.replay)")
+    f = p.add_argument_group("filters (all must match; non-matching letters are skipped and committed past)")
+    f.add_argument("--reason", action="append", default=[], help="dlq.reason (repeatable)")
+    f.add_argument("--audience-key", help="the event's computation_key / audience_key")
+    f.add_argument("--advertiser", help="the event's advertiser id (or its current mapping's)")
+    f.add_argument("--since", type=_when, help="dlq.failed_at at or after this ISO-8601 time")
+    f.add_argument("--until", type=_when, help="dlq.failed_at before this ISO-8601 time")
+    f.add_argument("--offsets", type=_offset_range, action="append", default=[], help="P:START-END (repeatable)")
+    p.add_argument("--max-replays", type=int, default=3, help="skip letters already replayed this often [3]")
+    p.add_argument("--max-records", type=int, help="stop after handling this many letters (resume later)")
+    p.add_argument("--idle-timeout", type=float, default=3.0, help="stop when nothing arrives for this long [3s]")
+    p.add_argument("--dry-run", action="store_true", help="no produce, no upload, no commit: say what would happen")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no TTY)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+    return p
+
+
+# -- selection ------------------------------------------------------------------------------------------------
+
+
+class Verdict(Enum):
+    SELECT = "select"
+    FILTERED = "filtered"
+    MAX_REPLAYS = "max_replays"
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """The filters and the ping-pong guard; facts (audience key, advertiser) are decoded only when asked for."""
+
+    reasons: frozenset[str]
+    audience_key: str | None
+    advertiser: str | None
+    since: datetime | None
+    until: datetime | None
+    offsets: tuple[tuple[int, int, int | None], ...]
+    max_replays: int
+    facts: FactFinder
+
+    def verdict(self, msg: Message, info: DeadLetterInfo) -> Verdict:
+        if not self.matches(msg, info):
+            return Verdict.FILTERED
+        if info.replay_count >= self.max_replays:
+            return Verdict.MAX_REPLAYS
+        return Verdict.SELECT
+
+    def matches(self, msg: Message, info: DeadLetterInfo) -> bool:
+        if self.reasons and info.reason not in self.reasons:
+            return False
+        if self.offsets and not any(
+            p == info.partition and start <= info.offset and (end is None or info.offset <= end)
+            for p, start, end in self.offsets
+        ):
+            return False
+        if self.since is not None and (info.failed_at is None or info.failed_at < self.since):
+            return False
+        if self.until is not None and (info.failed_at is None or info.failed_at >= self.until):
+            return False
+        if self.audience_key is not None or self.advertiser is not None:
+            key, adv = self.facts.facts(msg.value(), headers_of(msg))
+            if self.audience_key is not None and key != self.audience_key:
+                return False
+            if self.advertiser is not None and adv != self.advertiser:
+                return False
+        return True
+
+
+def replayed_headers(headers: Headers | None, info: DeadLetterInfo, *, keep_dlq: bool) -> Headers:
+    """Headers for the next attempt: `replay.count` + 1. Republish drops every `dlq.*`/`__connect.errors.*`/
+    `replay.*` header; process keeps them (the pipeline replaces `dlq.*` if it fails again) and records where
+    the record first came from, since a new dead letter's `dlq.source.*` will name the DLQ itself."""
+    out: Headers = []
+    for k, v in headers or ():
+        if k == REPLAY_COUNT or (not keep_dlq and k.startswith(_STRIP_ON_REPUBLISH)):
+            continue
+        out.append((k, v))
+    if keep_dlq and info.origin_topic is None and info.source_topic is not None:
+        out.append((ORIGIN_TOPIC, info.source_topic.encode()))
+        for name, src in ((ORIGIN_PARTITION, "dlq.source.partition"), (ORIGIN_OFFSET, "dlq.source.offset")):
+            value = next((v for k, v in headers or () if k == src), None)
+            if value is not None:
+                out.append((name, value))
+    out.append((REPLAY_COUNT, str(info.replay_count + 1).encode()))
+    return out
+
+
+# -- summary --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    mode: str
+    dry_run: bool
+    topic: str
+    group: str
+    read: int = 0
+    selected: int = 0
+    done: int = 0
+    skipped_filter: int = 0
+    skipped_max_replays: int = 0
+    failed: int = 0
+    unfinished: int = 0
+    held_partitions: int = 0
+    failed_by_reason: Counter[str] = field(default_factory=Counter)
+    targets: Counter[str] = field(default_factory=Counter)
+    would: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+
+    @property
+    def done_label(self) -> str:
+        verb = "republished" if self.mode == "republish" else "processed"
+        return f"would be {verb}" if self.dry_run else verb
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "mode": self.mode,
+            "dry_run": self.dry_run,
+            "topic": self.topic,
+            "group": self.group,
+            "read": self.read,
+            "selected": self.selected,
+            ("republished" if self.mode == "republish" else "processed"): self.done,
+            "skipped_filter": self.skipped_filter,
+            "skipped_max_replays": self.skipped_max_replays,
+            "failed": self.failed,
+            "failed_by_reason": dict(self.failed_by_reason.most_common()),
+            "unfinished": self.unfinished,
+            "partitions_stopped_at_newer_letters": self.held_partitions,
+        }
+        if self.mode == "republish":
+            doc["to_topics"] = dict(self.targets.most_common())
+        if self.dry_run:
+            doc["with_current_mappings"] = dict(self.would.most_common())
+        if self.error:
+            doc["error"] = self.error
+        return doc
+
+    def table(self) -> str:
+        rows: list[tuple[str, object]] = [
+            ("read", self.read),
+            ("selected", self.selected),
+            (self.done_label, self.done),
+            ("skipped by filter", self.skipped_filter),
+            ("skipped for max replays (replay.count >= limit)", self.skipped_max_replays),
+            ("failed", self.failed),
+        ]
+        rows += [(f"  failed: {r}", n) for r, n in self.failed_by_reason.most_common()]
+        if self.unfinished:
+            rows.append(("unfinished (uncommitted, next run)", self.unfinished))
+        if self.held_partitions:
+            rows.append(("partitions stopped at newer letters", self.held_partitions))
+        rows += [(f"  to topic {t}", n) for t, n in self.targets.most_common()]
+        rows += [(f"  with current mappings: {w}", n) for w, n in self.would.most_common()]
+        width = max(len(name) for name, _ in rows)
+        title = f"replay ({self.mode}{', dry run' if self.dry_run else ''}) of {self.topic}, group {self.group}"
+        lines = [title] + [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+        if self.error:
+            lines.append(f"  stopped: {self.error}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A tqdm bar on stderr, only for a person watching (a TTY) and not with --no-progress."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc="replay", unit="rec", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM end the run cleanly (commit what was acknowledged); handlers restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda *_: stop())
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _now_ms() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+# -- dry run (both modes) -------------------------------------------------------------------------------------
+
+
+def _would(resolver: Resolver, value: bytes | None, headers: Headers | None) -> str:
+    """What the pipeline would do with this record under the current mappings (no I/O)."""
+    try:
+        outcome = resolver.process(value, headers).outcome
+    except SchemaNotLoaded:
+        return "unknown (needs the schema registry)"
+    if isinstance(outcome, AudienceChange):
+        return "sync"
+    if isinstance(outcome, Skipped):
+        return f"skip ({outcome.reason})"
+    if isinstance(outcome, AudienceNeeded):
+        return "sync after creating its audience"
+    return f"fail again ({outcome.reason.value})"
+
+
+# -- republish / dry run --------------------------------------------------------------------------------------
+
+
+class _Republisher:
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str],
+        args: argparse.Namespace,
+        selector: Selector,
+        summary: Summary,
+        progress: Progress,
+        resolver: Resolver | None,
+    ) -> None:
+        self.args = args
+        self.selector = selector
+        self.summary = summary
+        self.progress = progress
+        self.resolver = resolver
+        self.topic = summary.topic
+        self.run_started = _now_ms()
+        self.stopping = threading.Event()
+        self.reader = TopicReader(
+            reader_config(settings, environ, summary.group),
+            self.topic,
+            from_committed=True,
+            idle_timeout_s=args.idle_timeout,
+        )
+        self.producer: Producer | None = None
+        self._partitions: dict[str, int | None] = {}
+        if not args.dry_run and args.mode == "republish":
+            conf: dict[str, Any] = dict(producer_config(settings, environ))
+            conf.setdefault("partitioner", "murmur2_random")  # the Java client's: same key, same partition
+            conf.setdefault("linger.ms", 5)
+            self.producer = Producer(conf)
+            if args.to_topic and self._partition_count(args.to_topic) is None:
+                self.reader.close()
+                raise ConfigError(f"--to-topic {args.to_topic!r}: no such topic on the broker")
+
+    def _partition_count(self, topic: str) -> int | None:
+        if topic not in self._partitions:
+            try:
+                self._partitions[topic] = len(partitions_of(self.reader.consumer, topic))
+            except ConfigError:
+                self._partitions[topic] = None
+        return self._partitions[topic]
+
+    def run(self) -> int:
+        limit = self.args.max_records
+        try:
+            with _stop_on_signals(self.stopping.set):
+                for batch in self.reader.messages(should_stop=self.stopping.is_set):
+                    if not self._batch(batch, limit):
+                        return 1
+                    if (limit is not None and self.summary.read >= limit) or self.stopping.is_set():
+                        break
+        finally:
+            self.reader.close()
+        return 0
+
+    def _hold(self, partition: int) -> None:
+        if partition not in self.reader.finished:
+            self.reader.hold(partition)
+
+    def _batch(self, batch: list[Message], limit: int | None) -> bool:
+        """Handle one fetched batch; False when a record could not be republished (the run stops)."""
+        handled: dict[int, list[int]] = {}
+        deliveries: dict[tuple[int, int], KafkaError | None] = {}
+        failed_partition: dict[int, str] = {}
+        for msg in batch:
+            info = DeadLetterInfo.of(msg)
+            p = info.partition
+            if p in self.reader.finished or p in failed_partition:
+                continue
+            if (limit is not None and self.summary.read >= limit) or self.stopping.is_set():
+                self._hold(p)
+                continue
+            if info.failed_at is not None and info.failed_at >= self.run_started:
+                self.summary.held_partitions += 1
+                self._hold(p)
+                continue
+            self.summary.read += 1
+            self.progress.update()
+            verdict = self.selector.verdict(msg, info)
+            if verdict is Verdict.FILTERED:
+                self.summary.skipped_filter += 1
+            elif verdict is Verdict.MAX_REPLAYS:
+                self.summary.skipped_max_replays += 1
+            else:
+                self.summary.selected += 1
+                problem = self._send(msg, info, deliveries)
+                if problem is not None:
+                    self.summary.failed += 1
+                    self.summary.failed_by_reason[problem] += 1
+                    if not self.args.dry_run:  # a real run stops the partition here, uncommitted, for a fix
+                        self.summary.read -= 1
+                        self.summary.selected -= 1
+                        failed_partition[p] = problem
+                        self._hold(p)
+                        continue
+            handled.setdefault(p, []).append(info.offset)
+        if self.producer is not None:
+            while self.producer.flush(1.0) > 0:
+                pass  # librdkafka gives up after message.timeout.ms and reports each record
+        commit: dict[int, int] = {}
+        for p, offsets in handled.items():
+            for off in offsets:
+                err = deliveries.get((p, off))
+                if err is not None:
+                    self.summary.done -= 1
+                    self.summary.failed += 1
+                    self.summary.failed_by_reason[f"delivery: {err.name()}"] += 1
+                    failed_partition.setdefault(p, f"delivery failed: {err.str()}")
+                    break
+                commit[p] = off + 1
+        if not self.args.dry_run and commit:
+            try:
+                self.reader.commit(commit)
+            except KafkaException as exc:
+                self.summary.error = f"commit failed: {exc}"
+                return False
+        if failed_partition:
+            self.summary.error = "; ".join(f"partition {p}: {why}" for p, why in sorted(failed_partition.items()))
+            return False
+        return True
+
+    def _send(
+        self, msg: Message, info: DeadLetterInfo, deliveries: dict[tuple[int, int], KafkaError | None]
+    ) -> str | None:
+        """Republish one letter (or, in a dry run, say what would happen); a problem text when it cannot be."""
+        if self.resolver is not None:
+            self.summary.would[_would(self.resolver, msg.value(), headers_of(msg))] += 1
+        if self.args.mode == "process":  # a dry run of process mode: nothing to route
+            self.summary.done += 1
+            return None
+        target = self.args.to_topic or info.home_topic
+        if not target:
+            return "no dlq.source.topic header (use --to-topic)"
+        if target == self.topic:
+            return "source topic is the dead-letter topic itself (use --to-topic)"
+        count = self._partition_count(target)
+        if count is None:
+            return f"topic {target} not found"
+        self.summary.targets[target] += 1
+        self.summary.done += 1
+        if self.producer is None:
+            return None
+        kw: dict[str, Any] = {
+            "key": msg.key(),
+            "value": msg.value(),
+            "headers": replayed_headers(headers_of(msg), info, keep_dlq=False),
+        }
+        ts_type, ts = msg.timestamp()
+        if ts_type and ts > 0:
+            kw["timestamp"] = ts
+        home = info.home_partition
+        if not self.args.to_topic and home is not None and 0 <= home < count:
+            kw["partition"] = home
+        slot = (info.partition, info.offset)
+        deliveries[slot] = None
+
+        def on_delivery(err: KafkaError | None, _m: Message) -> None:
+            deliveries[slot] = err
+
+        while True:
+            try:
+                self.producer.produce(target, on_delivery=on_delivery, **kw)
+                break
+            except BufferError:
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+        return None
+
+
+# -- process --------------------------------------------------------------------------------------------------
+
+
+class _Gate:
+    """What the replay consumer lets through (nothing newer than the run, at most `limit` records), and when the
+    run is over: every partition at its end or stopped, or idle for `idle_s` with nothing pending.
+
+    The idle clock starts at assignment: the pipeline's own `stop_when_idle_s` counts from the start of the run,
+    so a group join longer than the idle time would end the replay before it read anything.
+    """
+
+    def __init__(
+        self,
+        run_started: datetime,
+        limit: int | None,
+        finish: Callable[[], None],
+        idle_s: float,
+        pending: Callable[[], int],
+    ) -> None:
+        self.run_started = run_started
+        self.limit = limit
+        self.idle_s = idle_s
+        self.pending = pending
+        self.idle_since = time.monotonic()
+        self.handed = 0
+        self.finish = finish
+        self.held: dict[TopicPartition, int] = {}
+        self.newer_held = 0
+        self.at_end: set[TopicPartition] = set()
+
+    def newer(self, msg: Message) -> bool:
+        info = DeadLetterInfo.of(msg)
+        return info.failed_at is not None and info.failed_at >= self.run_started
+
+
+class ReplayConsumer(SourceConsumer):
+    """The pipeline's consumer, gated: a letter written after the run started stops its partition there
+    (paused, position rewound, never handed over, so never committed past), and the run finishes when every
+    assigned partition is at its end or stopped. The pipeline's `intake` hook can only skip, which commits."""
+
+    def __init__(self, conf: dict[str, Any], topics: list[str], *, gate: _Gate, **hooks: Any) -> None:
+        super().__init__(conf, topics, **hooks)
+        self.gate = gate
+
+    async def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        msgs = await super().consume(max_messages, timeout_s)
+        gate = self.gate
+        now = time.monotonic()
+        if msgs or not self.assigned or gate.pending():
+            gate.idle_since = now
+        elif now - gate.idle_since >= gate.idle_s:
+            gate.finish()
+        out: list[Message] = []
+        rewind: dict[TopicPartition, int] = {}
+        for msg in msgs:
+            tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    gate.at_end.add(tp)
+                out.append(msg)
+                continue
+            if tp in gate.held:
+                rewind[tp] = gate.held[tp]
+                continue
+            over = gate.limit is not None and gate.handed >= gate.limit
+            if over or gate.newer(msg):
+                gate.held[tp] = rewind[tp] = msg.offset() or 0
+                gate.newer_held += 0 if over else 1
+                continue
+            gate.at_end.discard(tp)
+            gate.handed += 1
+            out.append(msg)
+        for tp, offset in rewind.items():
+            await self._run(self._rewind, tp, offset)
+        if (gate.limit is not None and gate.handed >= gate.limit) or (
+            self.assigned and all(tp in gate.at_end or tp in gate.held for tp in self.assigned)
+        ):
+            gate.finish()
+        return out
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self.assigned:
+            ktp = KTP(tp.topic, tp.partition, offset)
+            self._consumer.pause([ktp])
+            self._consumer.seek(ktp)
+
+
+class _CountingProducer(AsyncProducer):
+    """The pipeline's dead-letter producer, counting letters written again by reason."""
+
+    def __init__(self, conf: dict[str, Any], summary: Summary) -> None:
+        super().__init__(conf)
+        self.summary = summary
+
+    async def send(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        await super().send(topic, key=key, value=value, headers=headers, timestamp_ms=timestamp_ms)
+        reason = next((v.decode() for k, v in headers or () if k == "dlq.reason"), "unknown")
+        self.summary.failed += 1
+        self.summary.failed_by_reason[reason] += 1
+
+
+async def _process(
+    settings: Settings,
+    environ: Mapping[str, str],
+    args: argparse.Namespace,
+    selector: Selector,
+    summary: Summary,
+    progress: Progress,
+    mappings: Mappings,
+) -> int:
+
+    import aiohttp
+
+    from service.commands.run import build_pipeline
+    from service.config import TokenSource, consumer_config
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def intake(msg: Message, headers: Headers | None) -> tuple[str | None, Headers | None]:
+        info = DeadLetterInfo.of(msg)
+        summary.read += 1
+        progress.update()
+        verdict = selector.verdict(msg, info)
+        if verdict is Verdict.FILTERED:
+            summary.skipped_filter += 1
+            return "replay_filtered", headers
+        if verdict is Verdict.MAX_REPLAYS:
+            summary.skipped_max_replays += 1
+            return "replay_max_replays", headers
+        summary.selected += 1
+        return None, replayed_headers(headers, info, keep_dlq=True)
+
+    token = TokenSource(settings)
+    connector = aiohttp.TCPConnector(limit=settings.max_inflight_requests * 2)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        dlq = _CountingProducer(producer_config(settings, environ), summary)
+        # No DLQ guard: a replay is an operator's deliberate run over records that already failed.
+        pipeline = build_pipeline(
+            settings, environ, session, token, mappings, dlq, summary.topic, intake=intake, guard=False
+        )
+        conf: dict[str, Any] = dict(consumer_config(settings, environ))
+        conf.update({"group.id": summary.group, "enable.partition.eof": True, "error_cb": pipeline.on_error})
+        gate = _Gate(_now_ms(), args.max_records, stop.set, args.idle_timeout, pipeline.watermarks.pending)
+        consumer = ReplayConsumer(
+            conf,
+            [summary.topic],
+            gate=gate,
+            on_assign=pipeline.on_assign,
+            on_revoke=pipeline.on_revoke,
+            on_lost=pipeline.on_lost,
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await pipeline.run(consumer, stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            left = await asyncio.to_thread(dlq.close)
+        summary.held_partitions = gate.newer_held
+        summary.unfinished = pipeline.watermarks.pending()
+        if left:
+            summary.error = f"{left} dead letter(s) not acknowledged; their records stay uncommitted"
+    summary.done = max(0, summary.selected - summary.failed - summary.unfinished)
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    if args.max_replays < 1:
+        return "--max-replays must be at least 1"
+    if args.max_records is not None and args.max_records < 1:
+        return "--max-records must be at least 1"
+    if args.idle_timeout <= 0:
+        return "--idle-timeout must be positive"
+    if args.to_topic and args.mode != "republish":
+        return "--to-topic only applies to --mode republish"
+    if args.since and args.until and args.since >= args.until:
+        return "--since must be before --until"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        return fail(PROG, problem)
+    environ = os.environ
+    progress = Progress(not args.no_progress)
+    try:
+        settings = tool_settings(environ, need_token=args.mode == "process" and not args.dry_run)
+        topic = args.topic or settings.dead_letter_topic
+        if args.to_topic == topic:
+            return fail(PROG, "--to-topic must not be the dead-letter topic")
+        mappings = load_current_mappings(settings)
+        summary = Summary(args.mode, args.dry_run, topic, args.group or f"{settings.consumer_group}.replay")
+        selector = Selector(
+            frozenset(args.reason),
+            args.audience_key,
+            args.advertiser,
+            args.since,
+            args.until,
+            tuple(args.offsets),
+            args.max_replays,
+            FactFinder(mappings, settings.default_advertiser_id),
+        )
+        if args.mode == "process" and not args.dry_run:
+            _check_topic(settings, environ, topic)
+            rc = asyncio.run(_process(settings, environ, args, selector, summary, progress, mappings))
+        else:
+            from service.commands.run import resolver_settings
+
+            resolver = Resolver(resolver_settings(settings), mappings, SchemaStore()) if args.dry_run else None
+            rc = _Republisher(settings, environ, args, selector, summary, progress, resolver).run()
+    except ConfigError as exc:
+        return fail(PROG, str(exc))
+    except ValueError as exc:  # the resolver's own settings checks (e.g. PHONE_DEFAULT_REGION)
+        return fail(PROG, f"configuration error: {exc}")
+    except KafkaException as exc:
+        print(f"{PROG}: Kafka error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    sys.stdout.write((orjson.dumps(summary.document()).decode() if args.json else summary.table()) + "\n")
+    if summary.error:
+        print(f"{PROG}: {summary.error}", file=sys.stderr)
+    return rc
+
+
+def _check_topic(settings: Settings, environ: Mapping[str, str], topic: str) -> None:
+    """Fail fast (exit 2) when the dead-letter topic does not exist, before joining a group for it."""
+    from confluent_kafka import Consumer
+
+    c = Consumer(reader_config(settings, environ, None))
+    try:
+        partitions_of(c, topic)
+    finally:
+        c.close()

@@ -1,0 +1,266 @@
+"""Micro-batching of audience changes into `segment/mapping` requests. Pure: no I/O, injected clock.
+
+Buffers are keyed by (advertiser, action, id_schema): one request carries one advertiser, one action and one
+column layout, and may mix audiences of that advertiser.
+
+TikTok's membership state is per (audience, identifier type, hash) cell, so ordering is kept per cell:
+- a newer change for a pending cell replaces the older one wherever it waits (net change, also across the add
+  and delete buffers), and the older record is finished as superseded;
+- a row is never sent while any of its cells is in a request still in flight; it waits in its buffer until that
+  request has a final outcome (uploaded or dead-lettered). So an add and a delete for one user and audience
+  are never in flight together, and TikTok ends in the state of the last event consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from service.core.model import Action, AudienceChange, IdType
+from service.core.watermarks import RecordRef, TopicPartition
+
+BatchKey = tuple[str, Action, tuple[IdType, ...]]
+CellKey = tuple[str, str, IdType, str]  # advertiser, audience, id type, hash
+
+MAX_ROWS_LIMIT = 10_000  # TikTok's documented ceiling per request
+
+# JSON size of one cell `{"id":"<hash>","audience_ids":["<audience>"]}` minus the audience id, and of `{}`.
+_CELL_BYTES = len('{"id":"","audience_ids":[""]},') + 64
+_EMPTY_CELL_BYTES = len("{},")
+
+
+@dataclass(slots=True, eq=False)
+class Row:
+    """One record's row; `cells` shrinks when a newer record supersedes some of its identifiers."""
+
+    ref: RecordRef
+    change: AudienceChange
+    cells: dict[IdType, str]
+    enqueued_at: float
+    nbytes: int = 0
+    source: Any = None  # opaque to the batcher: the edge's handle on the original record
+    keys: tuple[CellKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        self._rekey()
+
+    def _rekey(self) -> None:
+        c = self.change
+        adv, aud = c.advertiser_id, c.audience_id
+        self.keys = tuple([(adv, aud, t, h) for t, h in self.cells.items()])
+
+    def cell_keys(self) -> tuple[CellKey, ...]:
+        return self.keys
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """A request's worth of rows. Its cells stay "in flight" until `Batcher.release` is called."""
+
+    id: int
+    key: BatchKey
+    rows: list[Row]
+    trigger: str  # rows | bytes | linger | force
+    attempts: int = 0
+
+    @property
+    def advertiser_id(self) -> str:
+        return self.key[0]
+
+    @property
+    def action(self) -> Action:
+        return self.key[1]
+
+    @property
+    def id_schema(self) -> tuple[IdType, ...]:
+        return self.key[2]
+
+
+@dataclass(slots=True, eq=False)
+class _Buffer:
+    key: BatchKey
+    rows: dict[int, Row] = field(default_factory=dict)  # insertion-ordered by row identity
+    nbytes: int = 0
+
+    def oldest(self) -> float:
+        return next(iter(self.rows.values())).enqueued_at
+
+
+class Batcher:
+    """Buffers, net-change replacement, flush triggers and in-flight exclusion."""
+
+    def __init__(
+        self,
+        *,
+        max_rows: int = 1000,
+        max_bytes: int = 2_000_000,
+        linger_s: float = 1.0,
+        clock: Callable[[], float],
+    ) -> None:
+        if not 1 <= max_rows <= MAX_ROWS_LIMIT:
+            raise ValueError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows}")
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.linger_s = linger_s
+        self._clock = clock
+        self._buffers: dict[BatchKey, _Buffer] = {}
+        self._pending_cells: dict[CellKey, Row] = {}
+        self._row_buffer: dict[int, _Buffer] = {}
+        self._inflight_cells: dict[CellKey, int] = {}  # cell → requests in flight carrying it
+        self._ids = count(1)
+        self.pending_rows = 0
+
+    # -- intake ---------------------------------------------------------------------------------------------
+
+    def add(self, ref: RecordRef, change: AudienceChange, source: Any = None) -> list[Row]:
+        """Queue a change; returns the rows it fully superseded (finished: their effect is overwritten)."""
+        superseded: list[Row] = []
+        adv, aud = change.advertiser_id, change.audience_id
+        for t, h in change.identifiers:
+            old = self._pending_cells.get((adv, aud, t, h))
+            if old is not None and self._drop_cell(old, t):
+                superseded.append(old)
+        key: BatchKey = (adv, change.action, change.id_schema)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = _Buffer(key)
+        row = Row(ref, change, dict(change.identifiers), self._clock(), source=source)
+        row.nbytes = self._row_bytes(row, key[2])
+        buf.rows[id(row)] = row
+        buf.nbytes += row.nbytes
+        self._row_buffer[id(row)] = buf
+        pending = self._pending_cells
+        for ck in row.keys:
+            pending[ck] = row
+        self.pending_rows += 1
+        return superseded
+
+    def _drop_cell(self, row: Row, t: IdType) -> bool:
+        """Remove one superseded cell; True when the row had nothing left and left its buffer."""
+        h = row.cells.pop(t)
+        c = row.change
+        self._pending_cells.pop((c.advertiser_id, c.audience_id, t, h), None)
+        row._rekey()
+        buf = self._row_buffer[id(row)]
+        new_bytes = self._row_bytes(row, buf.key[2])
+        buf.nbytes += new_bytes - row.nbytes
+        row.nbytes = new_bytes
+        if row.cells:
+            return False
+        self._remove_row(buf, row)
+        return True
+
+    def _remove_row(self, buf: _Buffer, row: Row) -> None:
+        del buf.rows[id(row)]
+        del self._row_buffer[id(row)]
+        buf.nbytes -= row.nbytes
+        self.pending_rows -= 1
+        if not buf.rows:
+            del self._buffers[buf.key]
+
+    @staticmethod
+    def _row_bytes(row: Row, id_schema: tuple[IdType, ...]) -> int:
+        present = len(row.cells)
+        return (
+            present * (_CELL_BYTES + len(row.change.audience_id)) + (len(id_schema) - present) * _EMPTY_CELL_BYTES + 3
+        )
+
+    # -- flushing -------------------------------------------------------------------------------------------
+
+    def ready(self, *, limit: int | None = None, force: bool = False, hold: Container[BatchKey] = ()) -> list[Batch]:
+        """Batches whose buffer hit a trigger, at most `limit`; `force` flushes everything sendable.
+
+        Keys in `hold` (backing off after a retryable answer) keep buffering instead: one advertiser's outage must
+        not stop the others, and must not multiply requests to the failing one.
+        """
+        now = self._clock()
+        out: list[Batch] = []
+        for buf in list(self._buffers.values()):
+            if limit is not None and len(out) >= limit:
+                break
+            if buf.key in hold:
+                continue
+            trigger = self._trigger(buf, now, force)
+            while trigger is not None and (limit is None or len(out) < limit):
+                batch = self._cut(buf, trigger)
+                if batch is None:
+                    break
+                out.append(batch)
+                trigger = self._trigger(buf, now, force) if buf.key in self._buffers else None
+        return out
+
+    def _trigger(self, buf: _Buffer, now: float, force: bool) -> str | None:
+        if not buf.rows:
+            return None
+        if len(buf.rows) >= self.max_rows:
+            return "rows"
+        if buf.nbytes >= self.max_bytes:
+            return "bytes"
+        if now - buf.oldest() >= self.linger_s:
+            return "linger"
+        return "force" if force else None
+
+    def _cut(self, buf: _Buffer, trigger: str) -> Batch | None:
+        rows: list[Row] = []
+        nbytes = 0
+        inflight = self._inflight_cells
+        free = inflight.keys().isdisjoint
+        max_rows, max_bytes = self.max_rows, self.max_bytes
+        for row in buf.rows.values():
+            if len(rows) >= max_rows or (rows and nbytes + row.nbytes > max_bytes):
+                break
+            if inflight and not free(row.keys):
+                continue  # an older change to one of its cells is still in flight: wait for its outcome
+            rows.append(row)
+            nbytes += row.nbytes
+        if not rows:
+            return None
+        pending = self._pending_cells
+        for row in rows:
+            self._remove_row(buf, row)
+            for ck in row.keys:
+                del pending[ck]
+                inflight[ck] = inflight.get(ck, 0) + 1
+        return Batch(next(self._ids), buf.key, rows, trigger)
+
+    def release(self, rows: Iterable[Row]) -> None:
+        """Rows reached a final outcome (uploaded or dead-lettered): their cells are no longer in flight."""
+        inflight = self._inflight_cells
+        for row in rows:
+            for ck in row.keys:
+                n = inflight[ck]
+                if n > 1:
+                    inflight[ck] = n - 1
+                else:
+                    del inflight[ck]
+
+    def next_deadline(self, hold: Container[BatchKey] = ()) -> float | None:
+        """When the oldest buffered row outside `hold` lingers out (clock time), or None when there is none."""
+        oldest = [buf.oldest() for buf in self._buffers.values() if buf.key not in hold]
+        return min(oldest) + self.linger_s if oldest else None
+
+    # -- rebalance ------------------------------------------------------------------------------------------
+
+    def drop_partitions(self, tps: Iterable[TopicPartition]) -> int:
+        """Forget pending (not in-flight) rows of revoked or lost partitions; they will be re-consumed."""
+        lost = set(tps)
+        dropped = 0
+        if not lost:
+            return 0
+        for buf in list(self._buffers.values()):
+            for row in [r for r in buf.rows.values() if r.ref.tp in lost]:
+                for ck in row.cell_keys():
+                    self._pending_cells.pop(ck, None)
+                self._remove_row(buf, row)
+                dropped += 1
+        return dropped
+
+    def pending_for(self, tps: Iterable[TopicPartition]) -> int:
+        want = set(tps)
+        return sum(1 for buf in self._buffers.values() for r in buf.rows.values() if r.ref.tp in want)
+
+    @property
+    def inflight_cells(self) -> int:
+        return len(self._inflight_cells)

@@ -1,0 +1,509 @@
+"""Resolve a decoded event into an `AudienceChange` (hashed identifiers), `Skipped` or `Rejected`.
+
+`Resolver.process` is the single entry point of the front half of the pure core. It never raises for any
+input bytes except `SchemaNotLoaded` (the I/O edge fetches the schema and retries), because one bad record
+must not stop a partition: it becomes a dead letter with an operator-readable reason instead.
+
+Resolution order (DESIGN.md "Input events"):
+- audience id: explicit field (canonical `audience_id`; Segment `properties.external_audience_id` on track,
+  `traits.external_audience_id` on identify) → `context.personas.external_audience_id` → MAPPINGS_FILE entry
+  of the audience key (canonical `audience_key`; Segment `context.personas.computation_key`, else
+  `properties.audience_key` / `traits.audience_key`).
+- advertiser id: explicit field (canonical `advertiser_id`; Segment `properties.advertiser_id` /
+  `traits.advertiser_id`) → `context.personas.audience_settings.advertiserId` → MAPPINGS_FILE entry →
+  DEFAULT_ADVERTISER_ID.
+Segment's `properties.audience_id` is deliberately not read: Engage ids there look like "aud_..." and are not
+TikTok ids.
+
+When several things are wrong, the reported reason is the first of: invalid_payload, no_identifiers,
+missing_audience_id, missing_advertiser_id, so a record is only sent to operators for a mapping fix when the
+fix will make it go through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from service.core.events import SEGMENT, Undecodable, decode_event
+from service.core.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
+from service.core.mappings import AudienceMapping, Mappings
+from service.core.model import (
+    ID_TYPES,
+    Action,
+    AudienceChange,
+    AudienceNeeded,
+    DlqReason,
+    IdType,
+    MatchError,
+    Rejected,
+    Skipped,
+)
+from service.core.schemas import SchemaNotLoaded, SchemaStore
+
+NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
+
+_AUDIENCE_CLASSES: Final = ("audience", "journey_step")  # a tuple: `in` must not hash arbitrary JSON values
+_EMPTY: Final[dict[str, Any]] = {}
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+_INVALID = DlqReason.INVALID_PAYLOAD
+_ACTIONS: Final = {"add": Action.ADD, "delete": Action.DELETE}
+_JSON_NAMES: Final[dict[type, str]] = {
+    list: "an array",
+    dict: "an object",
+    float: "a non-integer number",
+    bool: "a boolean",
+    str: "a string",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverSettings:
+    """The environment-driven knobs of resolution (validated by `Resolver`, so bad config fails at startup)."""
+
+    enter_event_names: tuple[str, ...] = ("Audience Entered",)
+    exit_event_names: tuple[str, ...] = ("Audience Exited",)
+    default_advertiser_id: str | None = None
+    phone_default_region: str = "US"
+    send_email: bool = True
+    send_phone: bool = True
+    send_idfa: bool = True
+    send_aaid: bool = True
+    max_record_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
+
+    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded
+    match_errors: tuple[MatchError, ...]
+    event_format: str  # "segment" | "canonical_json" | "canonical_avro" | "confluent_avro" | "unknown"
+
+
+def _is_digits(text: str) -> bool:
+    return text.isdigit() and text.isascii()
+
+
+def _tiktok_id(value: object, field: str) -> str | Rejected | None:
+    """A digit string or non-negative int from JSON/Avro; None when absent. Never echoes the value."""
+    if value is None:
+        return None
+    if type(value) is str:
+        text = value.strip()
+        if not text:
+            return None
+        if _is_digits(text):
+            return text
+        return Rejected(_INVALID, f"{field} must be a TikTok id (digits only), got a non-numeric string")
+    if type(value) is int and value >= 0:
+        return str(value)
+    kind = "a negative number" if type(value) is int else _JSON_NAMES.get(type(value), type(value).__name__)
+    return Rejected(_INVALID, f"{field} must be a TikTok id (digits only), got {kind}")
+
+
+def _present(value: object) -> bool:
+    return value is not None and not (type(value) is str and not value.strip())
+
+
+def _first(a: object, b: object, c: object) -> object:
+    if _present(a):
+        return a
+    if _present(b):
+        return b
+    return c
+
+
+def _iso_ms(value: object) -> int | None:
+    if type(value) is not str:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MS
+
+
+def _canonical_time(value: object) -> int | None:
+    if type(value) is int:
+        return value
+    if isinstance(value, datetime):  # resolved Confluent records keep the writer's timestamp logical type
+        return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - _EPOCH) // _MS
+    return _iso_ms(value)
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if type(value) is dict else _EMPTY
+
+
+class Resolver:
+    """Decode → resolve membership, audience, advertiser → normalise and hash identifiers.
+
+    `mappings` is a plain attribute so a reloaded mappings file can be swapped in between records.
+    """
+
+    def __init__(self, settings: ResolverSettings, mappings: Mappings, schemas: SchemaStore) -> None:
+        if not is_supported_region(settings.phone_default_region):
+            raise ValueError(f"PHONE_DEFAULT_REGION: unknown region {settings.phone_default_region!r}")
+        both = set(settings.enter_event_names) & set(settings.exit_event_names)
+        if both:
+            raise ValueError(f"event name(s) {sorted(both)} are both enter and exit names")
+        default = settings.default_advertiser_id
+        if default is not None and not _is_digits(default):
+            raise ValueError("DEFAULT_ADVERTISER_ID must be a TikTok advertiser id (digits only)")
+        if settings.max_record_bytes <= 0:
+            raise ValueError("max_record_bytes must be positive")
+        self.settings = settings
+        self.mappings = mappings
+        # (advertiser id, audience name) → id of an audience created on demand; shared with the audience store.
+        self.created_audiences: Mapping[tuple[str, str], str] = {}
+        self._schemas = schemas
+        self._enter = frozenset(settings.enter_event_names)
+        self._exit = frozenset(settings.exit_event_names)
+        self._default_advertiser = default
+        self._region = settings.phone_default_region
+        self._max_bytes = settings.max_record_bytes
+        self._email = settings.send_email
+        self._phone = settings.send_phone
+        self._idfa = settings.send_idfa
+        self._aaid = settings.send_aaid
+        disabled = [
+            t
+            for t, on in zip(
+                ID_TYPES,
+                (self._email, self._phone, self._idfa, self._aaid),
+                strict=True,
+            )
+            if not on
+        ]
+        self._disabled_note = f"; not sending {', '.join(disabled)} (settings)" if disabled else ""
+        segment_fields = []
+        if self._email:
+            segment_fields += ["context.traits.email", "traits.email", "properties.email"]
+        if self._phone:
+            segment_fields += ["context.traits.phone", "traits.phone", "properties.phone"]
+        if self._idfa or self._aaid:
+            segment_fields.append("context.device.advertisingId")
+        self._segment_fields = ", ".join(segment_fields) or "nothing"
+        canonical_fields = [
+            name
+            for name, on in zip(
+                ("email", "phone", "idfa", "aaid"),
+                (self._email, self._phone, self._idfa, self._aaid),
+                strict=True,
+            )
+            if on
+        ]
+        self._canonical_fields = ", ".join(canonical_fields) or "nothing"
+
+    def process(self, value: bytes | None, headers: list[tuple[str, bytes | None]] | None) -> Processed:
+        """One record → outcome; raises only `SchemaNotLoaded`."""
+        fmt = "unknown"
+        try:
+            decoded = decode_event(value, headers, self._schemas, self._max_bytes)
+            fmt = decoded.format
+            if isinstance(decoded, Undecodable):
+                return Processed(Rejected(_INVALID, decoded.error), (), fmt)
+            data = decoded.data
+            if fmt == SEGMENT:
+                outcome, errors = self._segment(data)
+            else:
+                outcome, errors = self._canonical(data)
+            return Processed(outcome, errors, fmt)
+        except SchemaNotLoaded:
+            raise
+        except Exception as exc:  # last line of defence: a bug must dead-letter one record, not stop the partition
+            return Processed(Rejected(_INVALID, f"event could not be processed ({type(exc).__name__})"), (), fmt)
+
+    # -- Segment Engage --------------------------------------------------------------------------------------
+
+    def _segment(
+        self, ev: dict[str, Any]
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
+        etype = ev.get("type")
+        if etype == "track":
+            bag_name = "properties"
+        elif etype == "identify":
+            bag_name = "traits"
+        else:
+            return NOT_AUDIENCE_EVENT, ()
+        context = ev.get("context")
+        if type(context) is not dict:
+            return NOT_AUDIENCE_EVENT, ()
+        personas = context.get("personas")
+        if type(personas) is not dict:
+            return NOT_AUDIENCE_EVENT, ()
+        computation_class = personas.get("computation_class")
+        # Absent is accepted (Segment's own TikTok fixtures omit it); another class (e.g. "trait") is not.
+        if computation_class is not None and computation_class not in _AUDIENCE_CLASSES:
+            return NOT_AUDIENCE_EVENT, ()
+        properties = _dict(ev.get("properties"))
+        traits = _dict(ev.get("traits"))
+        bag = properties if bag_name == "properties" else traits
+
+        key = personas.get("computation_key")
+        if type(key) is not str or not key:
+            key = None
+        membership = bag.get(key) if key is not None else None
+        if membership is True:
+            action = Action.ADD
+        elif membership is False:
+            action = Action.DELETE
+        else:
+            name = ev.get("event")
+            if type(name) is not str:
+                return NOT_AUDIENCE_EVENT, ()
+            if name in self._enter:
+                action = Action.ADD
+            elif name in self._exit:
+                action = Action.DELETE
+            else:
+                return NOT_AUDIENCE_EVENT, ()
+        audience_key = key
+        if audience_key is None:
+            fallback = bag.get("audience_key")
+            if type(fallback) is str and fallback:
+                audience_key = fallback
+
+        # Ids: explicit → personas → mappings (→ default for the advertiser).
+        explicit_aud = _tiktok_id(bag.get("external_audience_id"), f"{bag_name}.external_audience_id")
+        if isinstance(explicit_aud, Rejected):
+            return explicit_aud, ()
+        personas_aud = _tiktok_id(personas.get("external_audience_id"), "context.personas.external_audience_id")
+        if isinstance(personas_aud, Rejected):
+            return personas_aud, ()
+        explicit_adv = _tiktok_id(bag.get("advertiser_id"), f"{bag_name}.advertiser_id")
+        if isinstance(explicit_adv, Rejected):
+            return explicit_adv, ()
+        settings = personas.get("audience_settings")
+        personas_adv = (
+            _tiktok_id(settings.get("advertiserId"), "context.personas.audience_settings.advertiserId")
+            if type(settings) is dict
+            else None
+        )
+        if isinstance(personas_adv, Rejected):
+            return personas_adv, ()
+
+        # Identifiers.
+        ctx_traits = _dict(context.get("traits"))
+        email = phone = idfa = aaid = None
+        if self._email:
+            email = _first(ctx_traits.get("email"), traits.get("email"), properties.get("email"))
+        if self._phone:
+            phone = _first(ctx_traits.get("phone"), traits.get("phone"), properties.get("phone"))
+        if self._idfa or self._aaid:
+            device = context.get("device")
+            if type(device) is dict:
+                ad_id = device.get("advertisingId")
+                if ad_id is not None:
+                    device_type = device.get("type")
+                    if device_type is None:  # some SDKs only fill context.os.name
+                        device_type = _dict(context.get("os")).get("name")
+                    if type(device_type) is str and device_type.lower() == "android":
+                        aaid = ad_id if self._aaid else None
+                    elif self._idfa:
+                        idfa = ad_id
+        identifiers, errors = self._hash(email, phone, idfa, aaid)
+        if not identifiers:
+            return self._no_identifiers(self._segment_fields, errors), errors
+
+        audience_id = explicit_aud or personas_aud
+        mapping = self.mappings.get(audience_key) if audience_key is not None else None
+        if audience_id is None:
+            audience_id = mapping.audience_id if mapping is not None else None
+            if audience_id is None and not _creatable(mapping):
+                looked = f"{bag_name}.external_audience_id (absent), context.personas.external_audience_id (absent)"
+                return self._missing_audience(audience_key, looked, True, mapping is not None), errors
+        advertiser_id = explicit_adv or personas_adv
+        if advertiser_id is None:
+            advertiser_id = mapping.advertiser_id if mapping is not None else None
+            if advertiser_id is None:
+                advertiser_id = self._default_advertiser
+                if advertiser_id is None:
+                    looked = (
+                        f"{bag_name}.advertiser_id (absent), context.personas.audience_settings.advertiserId (absent)"
+                    )
+                    return self._missing_advertiser(audience_key, looked, mapping is not None), errors
+        if audience_id is None:
+            created = self._created_audience(mapping, audience_key, advertiser_id)
+            if not isinstance(created, str):
+                return created, errors
+            audience_id = created
+        event_time = _iso_ms(ev.get("timestamp"))
+        if event_time is None:
+            event_time = _iso_ms(ev.get("originalTimestamp"))
+        change = AudienceChange(advertiser_id, audience_id, action, identifiers, audience_key, event_time)
+        return change, errors
+
+    # -- canonical event (JSON or Avro) ----------------------------------------------------------------------
+
+    def _canonical(
+        self, ev: dict[str, Any]
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
+        audience_key = ev.get("audience_key")
+        if type(audience_key) is not str or not audience_key:
+            return Rejected(_INVALID, 'canonical event: "audience_key" must be a non-empty string'), ()
+        action_value = ev.get("action")
+        action = _ACTIONS.get(action_value) if type(action_value) is str else None
+        if action is None:
+            return Rejected(_INVALID, 'canonical event: "action" must be "add" or "delete"'), ()
+        explicit_aud = _tiktok_id(ev.get("audience_id"), "audience_id")
+        if isinstance(explicit_aud, Rejected):
+            return explicit_aud, ()
+        explicit_adv = _tiktok_id(ev.get("advertiser_id"), "advertiser_id")
+        if isinstance(explicit_adv, Rejected):
+            return explicit_adv, ()
+
+        identifiers, errors = self._hash(
+            ev.get("email") if self._email else None,
+            ev.get("phone") if self._phone else None,
+            ev.get("idfa") if self._idfa else None,
+            ev.get("aaid") if self._aaid else None,
+        )
+        if not identifiers:
+            return self._no_identifiers(self._canonical_fields, errors), errors
+
+        mapping = self.mappings.get(audience_key)
+        audience_id = explicit_aud
+        if audience_id is None:
+            audience_id = mapping.audience_id if mapping is not None else None
+            if audience_id is None and not _creatable(mapping):
+                return self._missing_audience(audience_key, "audience_id (absent)", False, mapping is not None), errors
+        advertiser_id = explicit_adv
+        if advertiser_id is None:
+            advertiser_id = mapping.advertiser_id if mapping is not None else None
+            if advertiser_id is None:
+                advertiser_id = self._default_advertiser
+                if advertiser_id is None:
+                    return self._missing_advertiser(audience_key, "advertiser_id (absent)", mapping is not None), errors
+        if audience_id is None:
+            created = self._created_audience(mapping, audience_key, advertiser_id)
+            if not isinstance(created, str):
+                return created, errors
+            audience_id = created
+        change = AudienceChange(
+            advertiser_id,
+            audience_id,
+            action,
+            identifiers,
+            audience_key,
+            _canonical_time(ev.get("event_time")),
+        )
+        return change, errors
+
+    # -- shared ----------------------------------------------------------------------------------------------
+
+    def _hash(
+        self, email: object, phone: object, idfa: object, aaid: object
+    ) -> tuple[tuple[tuple[IdType, str], ...], tuple[MatchError, ...]]:
+        """Hashed identifiers in `ID_TYPES` order, and the ones dropped as invalid."""
+        ids: list[tuple[IdType, str]] = []
+        errors: list[MatchError] = []
+        if email is not None:
+            result = hash_email(email)
+            if isinstance(result, str):
+                ids.append(("EMAIL_SHA256", result))
+            elif result is not None:
+                errors.append(result)
+        if phone is not None:
+            result = hash_phone(phone, self._region)
+            if isinstance(result, str):
+                ids.append(("PHONE_SHA256", result))
+            elif result is not None:
+                errors.append(result)
+        if idfa is not None:
+            result = hash_ad_id(idfa, "IDFA_SHA256")
+            if isinstance(result, str):
+                ids.append(("IDFA_SHA256", result))
+            elif result is not None:
+                errors.append(result)
+        if aaid is not None:
+            result = hash_ad_id(aaid, "AAID_SHA256")
+            if isinstance(result, str):
+                ids.append(("AAID_SHA256", result))
+            elif result is not None:
+                errors.append(result)
+        return tuple(ids), tuple(errors)
+
+    def _no_identifiers(self, fields: str, errors: tuple[MatchError, ...]) -> Rejected:
+        if errors:
+            dropped = ", ".join(f"{e.id_type}: {e.reason}" for e in errors)
+            detail = f"{len(errors)} dropped as invalid ({dropped})"
+        else:
+            detail = "none present"
+        return Rejected(
+            DlqReason.NO_IDENTIFIERS,
+            f"no usable identifier: looked at {fields}; {detail}{self._disabled_note}",
+        )
+
+    def _mapping_status(self, has_entry: bool, field: str) -> str:
+        if has_entry:
+            return f"entry has no {field}"
+        if self.mappings.source is None:
+            return "no MAPPINGS_FILE configured"
+        return f"no entry in {self.mappings.source}"
+
+    def _created_audience(
+        self, mapping: AudienceMapping | None, audience_key: str | None, advertiser_id: str
+    ) -> str | AudienceNeeded:
+        """The id of an audience created on demand, or what to create (the record waits for it)."""
+        assert mapping is not None and mapping.audience_name is not None and audience_key is not None
+        known = self.created_audiences.get((advertiser_id, mapping.audience_name))
+        if known is not None:
+            return known
+        return AudienceNeeded(audience_key, advertiser_id, mapping.audience_name)
+
+    def _missing_audience(self, audience_key: str | None, looked: str, segment: bool, has_entry: bool) -> Rejected:
+        fix_event = "set external_audience_id in Segment" if segment else "set audience_id in the event"
+        if audience_key is None:
+            return Rejected(
+                DlqReason.MISSING_AUDIENCE_ID,
+                f"no TikTok audience id: looked for {looked}, and there is no audience key "
+                "(context.personas.computation_key, properties.audience_key) to look up in MAPPINGS_FILE; "
+                f"{fix_event}, then replay",
+            )
+        key = _short(audience_key)
+        entry = self.mappings.get(audience_key)
+        if entry is not None and entry.create_if_missing:
+            return Rejected(
+                DlqReason.MISSING_AUDIENCE_ID,
+                f'no TikTok audience id for audience_key "{key}": MAPPINGS_FILE entry audiences.{key} '
+                "is create_if_missing; audience creation is not available yet: create the audience in TikTok "
+                f"and set audiences.{key}.audience_id (or {fix_event}), then replay",
+            )
+        status = self._mapping_status(has_entry, "audience_id")
+        return Rejected(
+            DlqReason.MISSING_AUDIENCE_ID,
+            f'no TikTok audience id for audience_key "{key}": looked for {looked} and '
+            f"MAPPINGS_FILE entry audiences.{key}.audience_id ({status}); "
+            f"add the mapping or {fix_event}, then replay",
+        )
+
+    def _missing_advertiser(self, audience_key: str | None, looked: str, has_entry: bool) -> Rejected:
+        if audience_key is not None:
+            key = _short(audience_key)
+            subject = f'for audience_key "{key}"'
+            status = self._mapping_status(has_entry, "advertiser_id")
+            mapping = f"MAPPINGS_FILE entry audiences.{key}.advertiser_id ({status})"
+        else:
+            subject = "for this event"
+            mapping = "MAPPINGS_FILE (no audience key to look up)"
+        return Rejected(
+            DlqReason.MISSING_ADVERTISER_ID,
+            f"no TikTok advertiser id {subject}: looked for {looked}, {mapping} and DEFAULT_ADVERTISER_ID "
+            "(not set); add advertiser_id to the mapping or set DEFAULT_ADVERTISER_ID, then replay",
+        )
+
+
+def _creatable(mapping: AudienceMapping | None) -> bool:
+    return mapping is not None and mapping.create_if_missing and bool(mapping.audience_name)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """Audience keys are operator-chosen names, but cap them: a header must stay small."""
+    return text if len(text) <= limit else text[:limit] + "..."

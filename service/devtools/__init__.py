@@ -1,0 +1,1 @@
+"""Development tools, never on the runtime path: TikTok sandbox, local broker, sample traffic, the demo."""

@@ -1,0 +1,1 @@
+"""The sync loop and its collaborators: the asyncio edge that drives the pure core."""

@@ -1,0 +1,128 @@
+"""Create-on-demand: a mappings entry with `audience_name` + `create_if_missing` gets its TikTok audience on the
+first event for it, exactly once across restarts and replicas (the claim protocol is in `audience_store`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+
+from service.core.answers import Verdict
+from service.core.model import DlqReason
+from service.core.retry import Backoff
+from service.kafka.audience_store import AudienceRef, AudienceStore
+from service.tiktok.audiences_api import AudiencesApi, TikTokApiError, truncate_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CreationFailed:
+    """Creation refused for good: the held records are dead-lettered with this."""
+
+    reason: DlqReason
+    error: str
+    code: int | None = None
+    request_id: str | None = None
+
+
+_FINAL = {Verdict.PERMISSION: DlqReason.TIKTOK_PERMISSION, Verdict.REJECTED: DlqReason.TIKTOK_REJECTED}
+
+
+class AudienceCreator:
+    def __init__(
+        self,
+        store: AudienceStore,
+        api: AudiencesApi,
+        backoff: Backoff,
+        *,
+        auth_retry_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.api = api
+        self.backoff = backoff
+        self.auth_retry_s = auth_retry_s
+        self._clock = clock
+        self._running: dict[AudienceRef, asyncio.Task[str | CreationFailed]] = {}
+
+    async def ensure(self, ref: AudienceRef) -> str | CreationFailed:
+        """The audience id for (advertiser, name), creating it if nobody has; one task per ref per process."""
+        task = self._running.get(ref)
+        if task is None:
+            task = self._running[ref] = asyncio.ensure_future(self._ensure(ref))
+            task.add_done_callback(lambda _t: self._running.pop(ref, None))
+        return await asyncio.shield(task)
+
+    async def _ensure(self, ref: AudienceRef) -> str | CreationFailed:
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            try:
+                await self.store.ensure_started()
+            except (TimeoutError, OSError, KafkaException) as exc:
+                error = f"audience store {self.store.topic}: {exc}"
+                delay, give_up = self._next_delay(first_failure, attempt + 1)
+                first_failure = first_failure if first_failure is not None else self._clock()
+                attempt += 1
+                if give_up:
+                    return CreationFailed(DlqReason.RETRIES_EXHAUSTED, f"creating TikTok audience {ref[1]!r}: {error}")
+                log.warning("audience store not available, retry in %.1fs: %s", delay, error)
+                await asyncio.sleep(delay)
+                continue
+            known = self.store.ids.get(ref)
+            if known is not None:
+                return known
+            try:
+                if await self.store.claim(ref):
+                    audience_id = await self._create(ref)
+                    await self.store.publish(ref, audience_id)
+                    log.info("created TikTok audience %s for advertiser %s (%r)", audience_id, ref[0], ref[1])
+                    return audience_id
+                waited = await self.store.wait_for(ref, self.store.claim_ttl_s)
+                if waited is not None:
+                    return waited
+                continue  # the winner went quiet: its claim has expired, claim again
+            except TikTokApiError as exc:
+                verdict = exc.verdict
+                if verdict in _FINAL:
+                    return CreationFailed(
+                        _FINAL[verdict],
+                        f"creating TikTok audience {ref[1]!r} for advertiser {ref[0]} failed: {exc.one_line()}",
+                        exc.code,
+                        exc.answer.request_id,
+                    )
+                if verdict is Verdict.AUTH:
+                    log.error("audience creation: TikTok rejects the access token; retrying")
+                    await asyncio.sleep(self.auth_retry_s)
+                    continue
+                error = exc.one_line()
+            except (TimeoutError, OSError) as exc:  # the store topic is unreachable for now
+                error = f"audience store: {exc}"
+            delay, give_up = self._next_delay(first_failure, attempt + 1)
+            first_failure = first_failure if first_failure is not None else self._clock()
+            attempt += 1
+            if give_up:
+                return CreationFailed(DlqReason.RETRIES_EXHAUSTED, f"creating TikTok audience {ref[1]!r}: {error}")
+            log.warning("audience creation for %r will retry in %.1fs: %s", ref[1], delay, error)
+            await asyncio.sleep(delay)
+
+    def _next_delay(self, first_failure: float | None, attempt: int) -> tuple[float, bool]:
+        now = self._clock()
+        delay = self.backoff.delay(attempt)
+        return delay, self.backoff.exhausted(first_failure if first_failure is not None else now, now, delay)
+
+    async def _create(self, ref: AudienceRef) -> str:
+        advertiser, name = ref
+        stored = truncate_name(name)
+        # An expired claim may hide a creation that happened but was never recorded: reuse it, never duplicate.
+        for audience in await self.api.list_audiences(advertiser):
+            if audience.name == stored:
+                log.info("reusing existing TikTok audience %s named %r", audience.audience_id, stored)
+                return audience.audience_id
+        created = await self.api.create_audience(advertiser, name)
+        return created.audience_id

@@ -1,0 +1,179 @@
+from service.core.batcher import Batcher
+from service.core.model import Action, AudienceChange
+from service.core.watermarks import RecordRef, TopicPartition
+
+ADV = "7000000000000000001"
+H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def change(action: Action, *ids: tuple[str, str], aud: str = "111", adv: str = ADV) -> AudienceChange:
+    return AudienceChange(adv, aud, action, tuple(ids))  # type: ignore[arg-type]
+
+
+def ref(off: int, part: int = 0) -> RecordRef:
+    return RecordRef("t", part, off)
+
+
+def make(**kw: object) -> tuple[Batcher, Clock]:
+    clock = Clock()
+    opts: dict[str, object] = {"max_rows": 3, "max_bytes": 1_000_000, "linger_s": 1.0}
+    opts.update(kw)
+    return Batcher(clock=clock, **opts), clock  # type: ignore[arg-type]
+
+
+def test_batch_key_is_advertiser_action_and_id_schema() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2), ("PHONE_SHA256", H3)))
+    b.add(ref(2), change(Action.DELETE, ("EMAIL_SHA256", H3)))
+    b.add(ref(3), change(Action.ADD, ("EMAIL_SHA256", H3), adv="7000000000000000002"))
+    b.add(ref(4), change(Action.ADD, ("EMAIL_SHA256", H2), aud="222"))  # other audience, same request
+    keys = sorted((k[0], k[1].value, k[2]) for k in (batch.key for batch in b.ready(force=True)))
+    assert keys == [
+        (ADV, "add", ("EMAIL_SHA256",)),
+        (ADV, "add", ("EMAIL_SHA256", "PHONE_SHA256")),
+        (ADV, "delete", ("EMAIL_SHA256",)),
+        ("7000000000000000002", "add", ("EMAIL_SHA256",)),
+    ]
+
+
+def test_flush_on_row_count() -> None:
+    b, _ = make(max_rows=2)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    assert b.ready() == []
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
+    [batch] = b.ready()
+    assert batch.trigger == "rows"
+    assert [r.ref.offset for r in batch.rows] == [0, 1]
+    assert b.pending_rows == 0
+
+
+def test_flush_on_linger_with_injected_clock() -> None:
+    b, clock = make(linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    clock.t = 0.5
+    assert b.ready() == []
+    assert b.next_deadline() == 1.0
+    clock.t = 1.0
+    [batch] = b.ready()
+    assert batch.trigger == "linger"
+    assert b.next_deadline() is None
+
+
+def test_flush_on_bytes() -> None:
+    b, _ = make(max_rows=1000, max_bytes=1024)
+    for i in range(20):
+        b.add(ref(i), change(Action.ADD, ("EMAIL_SHA256", f"{i:064x}")))
+    batches = b.ready()
+    assert batches and all(x.trigger == "bytes" for x in batches)
+    assert all(sum(r.nbytes for r in x.rows) <= 1024 for x in batches)
+
+
+def test_ready_respects_limit() -> None:
+    b, _ = make(max_rows=1)
+    for i in range(5):
+        b.add(ref(i), change(Action.ADD, ("EMAIL_SHA256", f"{i:064x}")))
+    assert len(b.ready(limit=2)) == 2
+    assert b.pending_rows == 3
+
+
+def test_later_event_replaces_earlier_in_same_buffer() -> None:
+    b, _ = make()
+    assert b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1))) == []
+    superseded = b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    assert [r.ref for r in superseded] == [ref(0)]
+    [batch] = b.ready(force=True)
+    assert [r.ref.offset for r in batch.rows] == [1]
+
+
+def test_exit_after_enter_cancels_the_pending_add() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    superseded = b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    assert [r.ref for r in superseded] == [ref(0)]
+    [batch] = b.ready(force=True)
+    assert batch.action is Action.DELETE
+
+
+def test_partial_supersession_leaves_an_empty_cell() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1), ("PHONE_SHA256", H2)))
+    assert b.add(ref(1), change(Action.DELETE, ("PHONE_SHA256", H2))) == []
+    batches = {x.action: x for x in b.ready(force=True)}
+    add_row = batches[Action.ADD].rows[0]
+    assert add_row.cells == {"EMAIL_SHA256": H1}
+    assert batches[Action.ADD].id_schema == ("EMAIL_SHA256", "PHONE_SHA256")
+
+
+def test_same_user_other_audience_is_independent() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1), aud="111"))
+    assert b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1), aud="222")) == []
+    assert b.pending_rows == 2
+
+
+def test_a_change_waits_while_an_older_change_to_its_cell_is_in_flight() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [first] = b.ready(force=True)
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    b.add(ref(2), change(Action.DELETE, ("EMAIL_SHA256", H2)))
+    [second] = b.ready(force=True)
+    assert [r.ref.offset for r in second.rows] == [2]  # offset 1 must not fly beside offset 0
+    assert b.pending_rows == 1
+    b.release(first.rows)
+    [third] = b.ready(force=True)
+    assert [r.ref.offset for r in third.rows] == [1]
+
+
+def test_in_flight_rows_are_never_superseded() -> None:
+    b, _ = make()
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.ready(force=True)
+    assert b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1))) == []
+
+
+def test_drop_partitions_forgets_pending_rows() -> None:
+    b, _ = make()
+    b.add(ref(0, part=0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.add(ref(0, part=1), change(Action.ADD, ("EMAIL_SHA256", H2)))
+    assert b.pending_for([TopicPartition("t", 1)]) == 1
+    assert b.drop_partitions([TopicPartition("t", 1)]) == 1
+    [batch] = b.ready(force=True)
+    assert [r.ref.partition for r in batch.rows] == [0]
+    # the dropped row's cell is free again: a re-consumed copy is accepted
+    assert b.add(ref(0, part=1), change(Action.ADD, ("EMAIL_SHA256", H2))) == []
+
+
+def test_max_rows_bounds() -> None:
+    import pytest
+
+    with pytest.raises(ValueError):
+        Batcher(max_rows=10_001, clock=Clock())
+    with pytest.raises(ValueError):
+        Batcher(max_rows=0, clock=Clock())
+
+
+def test_held_key_keeps_buffering_while_other_keys_flush() -> None:
+    b, clock = make(max_rows=2, linger_s=1.0)
+    other = "7000000000000000002"
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
+    b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H3), adv=other))
+    held = {(ADV, Action.ADD, ("EMAIL_SHA256",))}
+    clock.t = 5.0
+    [batch] = b.ready(hold=held, force=True)
+    assert batch.advertiser_id == other, "the held key sends nothing, the other key flows"
+    assert b.pending_rows == 2
+    assert b.next_deadline(held) is None, "a held buffer must not wake the dispatcher in a busy loop"
+    assert b.next_deadline() == 1.0
+    [released] = b.ready()
+    assert released.advertiser_id == ADV and len(released.rows) == 2
