@@ -48,7 +48,7 @@ from service.core.membership import Resolver
 from service.core.model import AudienceChange, AudienceNeeded, Skipped
 from service.core.schemas import SchemaNotLoaded, SchemaStore
 from service.core.watermarks import TopicPartition
-from service.kafka.consumer import SourceConsumer
+from service.kafka.consumer import KafkaSourceConsumer
 from service.kafka.dlq_reader import (
     ORIGIN_OFFSET,
     ORIGIN_PARTITION,
@@ -524,7 +524,7 @@ class _Gate:
         return info.failed_at is not None and info.failed_at >= self.run_started
 
 
-class ReplayConsumer(SourceConsumer):
+class ReplayConsumer(KafkaSourceConsumer):
     """The pipeline's consumer, gated: a letter written after the run started stops its partition there
     (paused, position rewound, never handed over, so never committed past), and the run finishes when every
     assigned partition is at its end or stopped. The pipeline's `intake` hook can only skip, which commits."""
@@ -590,11 +590,11 @@ class _CountingProducer(AsyncProducer):
         *,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
         timestamp_ms: int | None = None,
     ) -> None:
         await super().send(topic, key=key, value=value, headers=headers, timestamp_ms=timestamp_ms)
-        reason = next((v.decode() for k, v in headers or () if k == "dlq.reason"), "unknown")
+        reason = next((v.decode() for k, v in headers or () if k == "dlq.reason" and v), "unknown")
         self.summary.failed += 1
         self.summary.failed_by_reason[reason] += 1
 

@@ -26,7 +26,7 @@ from service.core.retry import Backoff
 from service.core.schemas import SchemaStore
 from service.http import create_ops_app, heartbeat_check
 from service.kafka.audience_store import AudienceStore
-from service.kafka.consumer import SourceConsumer
+from service.kafka.consumer import KafkaSourceConsumer
 from service.kafka.producer import AsyncProducer
 from service.kafka.schema_registry import SchemaRegistryClient
 from service.pipeline.audience_creation import AudienceCreator
@@ -148,7 +148,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
         pipeline = build_pipeline(settings, environ, session, token, mappings, dlq, settings.dead_letter_topic)
         cconf["stats_cb"] = pipeline.on_stats
         cconf["error_cb"] = pipeline.on_error
-        consumer = SourceConsumer(
+        consumer = KafkaSourceConsumer(
             cconf,
             settings.source_topics,
             on_assign=pipeline.on_assign,

@@ -9,24 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-
-class TopicPartition(NamedTuple):
-    topic: str
-    partition: int
-
-
-class RecordRef(NamedTuple):
-    """Where a record came from: enough to finish it and to dead-letter it."""
-
-    topic: str
-    partition: int
-    offset: int
-
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
+from service.core.types import RecordRef as RecordRef
+from service.core.types import TopicPartition as TopicPartition
 
 
 @dataclass(slots=True)

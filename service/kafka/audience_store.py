@@ -2,10 +2,14 @@
 
 The topic has one partition, so its log is a total order every replica reads the same way. To create an
 audience a replica appends a *claim* and reads the log up to it: the earliest live claim for that
-(advertiser, name) wins. Only the winner calls TikTok, then appends the *result*; the others wait for it.
-A claim that produced no result within `claim_ttl_s` (its owner died) expires and the next claim wins; the new
-winner first looks for an audience of that name at TikTok, so a crash between "created" and "recorded" does not
-create a duplicate. Compaction keeps the latest record per key, which is the result once there is one.
+(advertiser, name) wins and *holds* the creation for `claim_ttl_s`. Only the holder calls TikTok, then appends
+the *result*; the others wait for it. Claims are judged by owner, not by offset alone: a later claim by the
+holder itself (its retry after a 5xx) renews the hold instead of losing to its own earlier claim, and a claim by
+another replica while the hold is live loses and keeps no place in line. A hold without a result after
+`claim_ttl_s` (its owner died or gave up) lapses; the replicas waiting on it claim again and the first of those
+claims wins. The new holder first looks for an audience of that name at TikTok, so a crash between "created" and
+"recorded" does not create a duplicate. Compaction keeps the latest record per key, which is the result once
+there is one.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -30,9 +34,48 @@ log = logging.getLogger(__name__)
 AudienceRef = tuple[str, str]  # advertiser id, audience name (as configured, before TikTok's truncation)
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    offset: int
+    replica: str
+    at: float  # the claiming replica's wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The replica that may create the audience, until `until` (wall clock) unless it claims again."""
+
+    replica: str
+    offset: int  # the claim that won the hold
+    until: float
+
+
+def next_hold(hold: Hold | None, claim: Claim, ttl_s: float) -> Hold:
+    """The claim rule, applied to each claim in log order (so every replica computes the same holder).
+
+    A claim made when no hold is live (none yet, or the holder's last claim is `ttl_s` old) wins a new hold; a
+    claim by the holder renews it, so a replica retrying its own creation never waits for itself; a claim by
+    anyone else while the hold is live loses. Judging by the claim's own time, not the reader's, keeps the
+    answer the same for every reader, whenever it reads.
+    """
+    if hold is None or claim.at >= hold.until:
+        return Hold(claim.replica, claim.offset, claim.at + ttl_s)
+    if claim.replica == hold.replica:
+        return Hold(hold.replica, hold.offset, max(hold.until, claim.at + ttl_s))
+    return hold
+
+
+def holder(claims: Iterable[Claim], ttl_s: float) -> Hold | None:
+    """The hold after `claims` (in log order): `next_hold` folded over them."""
+    hold: Hold | None = None
+    for claim in claims:
+        hold = next_hold(hold, claim, ttl_s)
+    return hold
+
+
 @dataclass(slots=True)
 class _Entry:
-    claims: list[tuple[int, str, float]] = field(default_factory=list)  # (offset, replica, wall time)
+    hold: Hold | None = None  # `next_hold` folded over the claims read so far
     audience_id: str | None = None
     created_at: float = 0.0
 
@@ -42,6 +85,14 @@ def record_key(ref: AudienceRef) -> bytes:
 
 
 class AudienceStore:
+    """The shared record of created audiences, and who may create a missing one.
+
+    Invariant: every replica folds the same single-partition log with the same rule (`next_hold`), so for each
+    (advertiser, name) they agree on one holder at a time; `claim` is True only for the holder of a live hold and
+    `publish` records the id before anyone else uses it. Why: two replicas must never both call TikTok's create,
+    and a replica that died while holding must only delay creation by `claim_ttl_s`, never block it.
+    """
+
     def __init__(
         self,
         conf: dict[str, Any],
@@ -78,10 +129,12 @@ class AudienceStore:
                 self._started = True
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        await asyncio.to_thread(self._ensure_topic)
-        self._producer = Producer({**self._conf, "enable.idempotence": True, "acks": "all", "linger.ms": 0})
-        self._thread = threading.Thread(target=self._tail, name="audience-store", daemon=True)
-        self._thread.start()
+        """Safe to call again after it failed: a second call waits for the same tail rather than start another."""
+        if self._thread is None:
+            await asyncio.to_thread(self._ensure_topic)
+            self._producer = Producer({**self._conf, "enable.idempotence": True, "acks": "all", "linger.ms": 0})
+            self._thread = threading.Thread(target=self._tail, name="audience-store", daemon=True)
+            self._thread.start()
         if not await asyncio.to_thread(self._caught_up.wait, timeout_s):
             raise TimeoutError(f"could not read the audience store topic {self.topic} within {timeout_s}s")
         log.info("audience store %s: %d created audience(s) known", self.topic, len(self.ids))
@@ -106,6 +159,7 @@ class AudienceStore:
             self._thread.join(timeout=5)
         if self._producer is not None:
             self._producer.flush(5)
+            self._producer = None  # librdkafka's threads go with it, rather than reconnect to a broker long gone
 
     # -- the tail (its own thread) --------------------------------------------------------------------------
 
@@ -147,7 +201,8 @@ class AudienceStore:
                 entry.created_at = float(doc.get("created_at") or 0.0)
                 self.ids[ref] = entry.audience_id
             elif doc.get("type") == "claim":
-                entry.claims.append((offset, str(doc.get("replica")), float(doc.get("at") or 0.0)))
+                claim = Claim(offset, str(doc.get("replica")), float(doc.get("at") or 0.0))
+                entry.hold = next_hold(entry.hold, claim, self.claim_ttl_s)
             self._next_offset = offset + 1
         self._loop.call_soon_threadsafe(self._changed.set)
 
@@ -191,17 +246,17 @@ class AudienceStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
 
-    async def claim(self, ref: AudienceRef) -> bool:
-        """Append a claim and read up to it; True when this replica owns the creation."""
-        mine = await self._append(ref, {"type": "claim", "replica": self.replica, "at": self._wall()})
-        await self._read_past(mine, 30.0)
-        now = self._wall()
+    def _hold(self, ref: AudienceRef) -> tuple[str | None, Hold | None]:
         with self._lock:
             entry = self._entries.get(ref)
-            if entry is None or entry.audience_id is not None:
-                return False
-            live = [c for c in entry.claims if c[0] == mine or now - c[2] < self.claim_ttl_s]
-            return bool(live) and min(live)[0] == mine
+            return (entry.audience_id, entry.hold) if entry is not None else (None, None)
+
+    async def claim(self, ref: AudienceRef) -> bool:
+        """Append a claim and read up to it; True when this replica holds the creation (won or renewed)."""
+        mine = await self._append(ref, {"type": "claim", "replica": self.replica, "at": self._wall()})
+        await self._read_past(mine, 30.0)
+        audience_id, hold = self._hold(ref)
+        return audience_id is None and hold is not None and hold.replica == self.replica and self._wall() < hold.until
 
     async def publish(self, ref: AudienceRef, audience_id: str) -> None:
         offset = await self._append(
@@ -210,15 +265,32 @@ class AudienceStore:
         await self._read_past(offset, 30.0)
 
     async def wait_for(self, ref: AudienceRef, timeout_s: float) -> str | None:
+        """The id once recorded, or None after `timeout_s`."""
+        return await self._wait(ref, timeout_s, until_released=False)
+
+    async def wait_for_holder(self, ref: AudienceRef, timeout_s: float) -> str | None:
+        """The id once the holder records it; None after `timeout_s` or as soon as no other replica holds a live
+        claim (it died, or gave up): the caller claims again then, and the first claim after the lapse wins."""
+        return await self._wait(ref, timeout_s, until_released=True)
+
+    async def _wait(self, ref: AudienceRef, timeout_s: float, *, until_released: bool) -> str | None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
+            self._changed.clear()  # before looking, so a record applied meanwhile wakes the wait below
             got = self.ids.get(ref)
             if got is not None:
                 return got
-            self._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if until_released:
+                _, hold = self._hold(ref)
+                now = self._wall()
+                if hold is None or hold.replica == self.replica or now >= hold.until:
+                    return None
+                left = min(left, hold.until - now)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(0.5, max(0.0, deadline - time.monotonic())))
-        return self.ids.get(ref)
+                await asyncio.wait_for(self._changed.wait(), min(0.5, left))
 
 
 def _done(fut: asyncio.Future[int], offset: int) -> None:

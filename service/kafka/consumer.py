@@ -16,7 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka import TopicPartition as KTP
 
-from service.core.watermarks import TopicPartition
+from service.core.types import TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ RevokeHook = Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, int
 LostHook = Callable[[list[TopicPartition]], Awaitable[None]]
 
 
-class SourceConsumer:
+class KafkaSourceConsumer:
     def __init__(
         self,
         conf: dict[str, Any],

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from confluent_kafka import KafkaException
 
@@ -33,7 +35,30 @@ class CreationFailed:
 _FINAL = {Verdict.PERMISSION: DlqReason.TIKTOK_PERMISSION, Verdict.REJECTED: DlqReason.TIKTOK_REJECTED}
 
 
+def describe(exc: Exception) -> str:
+    """One line for the log and the dead letter. The store's and the network's errors keep their text (broker
+    and error names, no tokens nor user identifiers); any other error shows only its type and where it was
+    raised, as its message could hold anything."""
+    if isinstance(exc, TikTokApiError):
+        return exc.one_line()
+    if isinstance(exc, KafkaException | TimeoutError | OSError):
+        return f"audience store: {type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"unexpected {type(exc).__name__}{where}"
+
+
 class AudienceCreator:
+    """Creates each missing audience once, across replicas, and tells the pipeline the outcome.
+
+    Invariant: `ensure` always returns, with the id or a `CreationFailed`. Every error but cancellation (TikTok's,
+    the store's KafkaException, a timeout, anything unexpected) is retried with backoff within the retry budget and
+    ends in `CreationFailed(RETRIES_EXHAUSTED)` when it is spent; only TikTok's final refusals end sooner, and a
+    rejected token waits for a good one. Why: the pipeline holds the audience's records, uncommitted, until
+    `ensure` answers, so a task that died would strand them and stall their partitions. TikTok is called only
+    while this replica holds the store's claim (`AudienceStore.claim`), so two replicas never both create.
+    """
+
     def __init__(
         self,
         store: AudienceStore,
@@ -63,30 +88,7 @@ class AudienceCreator:
         attempt = 0
         while True:
             try:
-                await self.store.ensure_started()
-            except (TimeoutError, OSError, KafkaException) as exc:
-                error = f"audience store {self.store.topic}: {exc}"
-                delay, give_up = self._next_delay(first_failure, attempt + 1)
-                first_failure = first_failure if first_failure is not None else self._clock()
-                attempt += 1
-                if give_up:
-                    return CreationFailed(DlqReason.RETRIES_EXHAUSTED, f"creating TikTok audience {ref[1]!r}: {error}")
-                log.warning("audience store not available, retry in %.1fs: %s", delay, error)
-                await asyncio.sleep(delay)
-                continue
-            known = self.store.ids.get(ref)
-            if known is not None:
-                return known
-            try:
-                if await self.store.claim(ref):
-                    audience_id = await self._create(ref)
-                    await self.store.publish(ref, audience_id)
-                    log.info("created TikTok audience %s for advertiser %s (%r)", audience_id, ref[0], ref[1])
-                    return audience_id
-                waited = await self.store.wait_for(ref, self.store.claim_ttl_s)
-                if waited is not None:
-                    return waited
-                continue  # the winner went quiet: its claim has expired, claim again
+                found = await self._attempt(ref)
             except TikTokApiError as exc:
                 verdict = exc.verdict
                 if verdict in _FINAL:
@@ -101,8 +103,12 @@ class AudienceCreator:
                     await asyncio.sleep(self.auth_retry_s)
                     continue
                 error = exc.one_line()
-            except (TimeoutError, OSError) as exc:  # the store topic is unreachable for now
-                error = f"audience store: {exc}"
+            except Exception as exc:  # the store, a timeout, a bug: retried, never the end of the task (see class)
+                error = describe(exc)
+            else:
+                if found is not None:
+                    return found
+                continue  # the holder lapsed without a result (it died or gave up): claim again
             delay, give_up = self._next_delay(first_failure, attempt + 1)
             first_failure = first_failure if first_failure is not None else self._clock()
             attempt += 1
@@ -110,6 +116,20 @@ class AudienceCreator:
                 return CreationFailed(DlqReason.RETRIES_EXHAUSTED, f"creating TikTok audience {ref[1]!r}: {error}")
             log.warning("audience creation for %r will retry in %.1fs: %s", ref[1], delay, error)
             await asyncio.sleep(delay)
+
+    async def _attempt(self, ref: AudienceRef) -> str | None:
+        """One round: the known id, or the id this replica created as holder, or the holder's; None when the
+        holder lapsed without one."""
+        await self.store.ensure_started()
+        known = self.store.ids.get(ref)
+        if known is not None:
+            return known
+        if await self.store.claim(ref):
+            audience_id = await self._create(ref)
+            await self.store.publish(ref, audience_id)
+            log.info("created TikTok audience %s for advertiser %s (%r)", audience_id, ref[0], ref[1])
+            return audience_id
+        return await self.store.wait_for_holder(ref, self.store.claim_ttl_s)
 
     def _next_delay(self, first_failure: float | None, attempt: int) -> tuple[float, bool]:
         now = self._clock()

@@ -32,7 +32,7 @@ from service.core.model import AudienceChange, AudienceNeeded, DlqReason, Outcom
 from service.core.retry import Backoff, TokenBucket
 from service.core.schemas import SchemaNotLoaded
 from service.core.watermarks import RecordRef, TopicPartition, Watermarks
-from service.kafka.consumer import SourceConsumer
+from service.kafka.consumer import KafkaSourceConsumer as SourceConsumer
 from service.kafka.producer import AsyncProducer, DeliveryError
 from service.kafka.schema_registry import RegistryUnavailable
 from service.pipeline.audience_creation import AudienceCreator

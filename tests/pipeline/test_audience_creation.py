@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -11,15 +12,18 @@ from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
+from service.core.answers import Answer, Verdict
+from service.core.model import DlqReason
+from service.core.retry import Backoff
 from service.devtools.broker import LocalBroker
 from service.devtools.sample import ADVERTISER_ID, SampleAudience, make_users, segment_event
 from service.devtools.sandbox import SandboxThread
-from service.kafka.audience_store import AudienceStore
-from service.tiktok.audiences_api import truncate_name
+from service.kafka.audience_store import AudienceRef, AudienceStore
+from service.pipeline.audience_creation import AudienceCreator, CreationFailed
+from service.tiktok.audiences_api import AudienceInfo, AudiencesApi, CreatedAudience, TikTokApiError, truncate_name
 from tests.conftest import ServiceProcess, Topics, produce, read_all, wait_until
-
-pytestmark = pytest.mark.integration
 
 NAME = "Lookalike seed - Q4 " + "x" * 60  # over 70 characters: TikTok keeps 67 + "..."
 MAPPINGS = f"""audiences:
@@ -28,6 +32,7 @@ MAPPINGS = f"""audiences:
     audience_name: "{NAME}"
     create_if_missing: true
 """
+REF: AudienceRef = ("7000000000000000001", "Seed")
 
 
 def test_name_truncation_rule() -> None:
@@ -40,6 +45,7 @@ def _created(sandbox: SandboxThread) -> list[str]:
     return [aid for aid, a in sandbox.state.audiences.items() if a.name == truncate_name(NAME)]
 
 
+@pytest.mark.integration
 def test_two_replicas_create_the_audience_once_and_a_restart_reuses_it(
     broker: LocalBroker,
     topics: Topics,
@@ -96,6 +102,7 @@ def test_two_replicas_create_the_audience_once_and_a_restart_reuses_it(
         assert c.stop() == 0
 
 
+@pytest.mark.integration
 def test_store_claims_have_one_winner_and_expire(broker: LocalBroker) -> None:
     async def scenario() -> tuple[list[bool], bool, str | None]:
         topic = f"store-{uuid.uuid4().hex[:8]}"
@@ -125,3 +132,151 @@ def test_store_claims_have_one_winner_and_expire(broker: LocalBroker) -> None:
     assert late is True
     assert seen == "999"
     assert time.monotonic() - started < 60
+
+
+# -- a replica retrying its own creation (issue 10, defect 11) -------------------------------------------------
+
+
+class FlakyAudiencesApi(AudiencesApi):
+    """TikTok without the HTTP: `create_audience` answers a retryable 5xx the first `failures` times."""
+
+    def __init__(self, failures: int = 1) -> None:
+        self.failures = failures
+        self.creates = 0
+
+    async def list_audiences(self, advertiser_id: str, page_size: int = 100) -> list[AudienceInfo]:
+        return []
+
+    async def create_audience(self, advertiser_id: str, name: str) -> CreatedAudience:
+        self.creates += 1
+        if self.creates <= self.failures:
+            answer = Answer(Verdict.RETRY, 503, None, "service unavailable", "req-503")
+            raise TikTokApiError("/segment/audience/", answer)
+        return CreatedAudience(f"audience-{self.creates}", advertiser_id, truncate_name(name), name)
+
+
+def fast_backoff(budget_s: float = 10.0) -> Backoff:
+    return Backoff(base_s=0.01, max_s=0.05, budget_s=budget_s, rng=random.Random(1))
+
+
+@pytest.mark.integration
+def test_a_replica_retrying_after_a_5xx_is_not_blocked_by_its_own_claim(broker: LocalBroker) -> None:
+    async def scenario() -> tuple[str | CreationFailed, FlakyAudiencesApi, str | None]:
+        topic = f"store-{uuid.uuid4().hex[:8]}"
+        conf = {"bootstrap.servers": broker.bootstrap}
+        store = AudienceStore(conf, topic, claim_ttl_s=60.0)  # waiting for itself would take a minute
+        api = FlakyAudiencesApi(failures=1)
+        creator = AudienceCreator(store, api, fast_backoff())
+        try:
+            result = await asyncio.wait_for(creator.ensure(REF), 10.0)  # ensure_started included
+            stored = await store.wait_for(REF, 5.0)
+        finally:
+            store.close()
+        return result, api, stored
+
+    started = time.monotonic()
+    result, api, stored = asyncio.run(scenario())
+    assert result == "audience-2", result
+    assert api.creates == 2, "one 5xx, then the retry created it"
+    assert stored == "audience-2", "the result is recorded in the store"
+    assert time.monotonic() - started < 20, "well under claim_ttl_s"
+
+
+# -- every failure of creation ends in a retry or CreationFailed (issue 10, defect 7) ----------------------------
+
+
+class FakeStore(AudienceStore):
+    """The store's protocol without a broker: `claim` raises the given errors first, then wins."""
+
+    def __init__(self, claim_errors: list[Exception], *, always: Exception | None = None) -> None:
+        super().__init__({}, "fake-store", claim_ttl_s=60.0)
+        self.claim_errors = claim_errors
+        self.always = always
+        self.claims = 0
+
+    async def ensure_started(self) -> None:
+        return None
+
+    async def claim(self, ref: AudienceRef) -> bool:
+        self.claims += 1
+        if self.always is not None:
+            raise self.always
+        if self.claim_errors:
+            raise self.claim_errors.pop(0)
+        return True
+
+    async def publish(self, ref: AudienceRef, audience_id: str) -> None:
+        self.ids[ref] = audience_id
+
+
+def kafka_error() -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out"))
+
+
+async def test_a_kafka_error_from_the_store_is_retried() -> None:
+    store = FakeStore([kafka_error(), kafka_error()])
+    api = FlakyAudiencesApi(failures=0)
+    creator = AudienceCreator(store, api, fast_backoff())
+    result = await asyncio.wait_for(creator.ensure(REF), 5.0)
+    assert result == "audience-1"
+    assert store.claims == 3
+    assert store.ids[REF] == "audience-1"
+
+
+async def test_a_store_that_always_fails_ends_in_creation_failed_within_the_budget() -> None:
+    store = FakeStore([], always=kafka_error())
+    creator = AudienceCreator(store, FlakyAudiencesApi(failures=0), fast_backoff(budget_s=0.3))
+    started = time.monotonic()
+    result = await asyncio.wait_for(creator.ensure(REF), 5.0)
+    assert isinstance(result, CreationFailed), result
+    assert result.reason is DlqReason.RETRIES_EXHAUSTED
+    assert "KafkaException" in result.error and "Message timed out" in result.error
+    assert store.claims >= 2, "it retried before giving up"
+    assert time.monotonic() - started < 2.0
+
+
+async def test_an_unexpected_error_is_retried_not_raised() -> None:
+    store = FakeStore([RuntimeError("boom"), BufferError("queue full")])
+    creator = AudienceCreator(store, FlakyAudiencesApi(failures=0), fast_backoff())
+    assert await asyncio.wait_for(creator.ensure(REF), 5.0) == "audience-1"
+
+
+async def test_an_unexpected_error_is_reported_by_type_never_by_its_text(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "tok-s3cr3t user@example.com"  # what an unexpected exception's message could carry
+    store = FakeStore([], always=ValueError(secret))
+    creator = AudienceCreator(store, FlakyAudiencesApi(failures=0), fast_backoff(budget_s=0.2))
+    with caplog.at_level(logging.DEBUG):
+        result = await asyncio.wait_for(creator.ensure(REF), 5.0)
+    assert isinstance(result, CreationFailed) and result.reason is DlqReason.RETRIES_EXHAUSTED
+    assert "ValueError" in result.error and "test_audience_creation.py" in result.error, result.error
+    assert "will retry" in caplog.text
+    assert secret not in result.error and "s3cr3t" not in caplog.text and "example.com" not in caplog.text
+
+
+@pytest.mark.integration
+def test_two_waiting_replicas_take_over_from_a_dead_winner(broker: LocalBroker) -> None:
+    """The winner dies before recording a result; two replicas that lost to it must not hand the claim back and
+    forth forever (each waking as its own claim expires and losing to the other's) but create it once."""
+
+    async def scenario() -> tuple[list[str | CreationFailed], list[FlakyAudiencesApi]]:
+        topic = f"store-{uuid.uuid4().hex[:8]}"
+        conf = {"bootstrap.servers": broker.bootstrap}
+        stores = [AudienceStore(conf, topic, claim_ttl_s=2.0) for _ in range(3)]
+        apis = [FlakyAudiencesApi(failures=0), FlakyAudiencesApi(failures=0)]
+        try:
+            for s in stores:
+                await s.ensure_started()
+            assert await stores[0].claim(REF), "the first claim wins; its replica then dies"
+            creators = [AudienceCreator(s, a, fast_backoff()) for s, a in zip(stores[1:], apis, strict=True)]
+            first = asyncio.ensure_future(creators[0].ensure(REF))
+            await asyncio.sleep(0.3)
+            second = asyncio.ensure_future(creators[1].ensure(REF))
+            results = list(await asyncio.wait_for(asyncio.gather(first, second), 10.0))
+        finally:
+            for s in stores:
+                s.close()
+        return results, apis
+
+    results, apis = asyncio.run(scenario())
+    assert results[0] == results[1] and isinstance(results[0], str), results
+    assert sum(a.creates for a in apis) == 1, "created once"
