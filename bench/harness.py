@@ -1,4 +1,4 @@
-"""The benchmark: `python -m bench [--quick] [--only ROW[,ROW]] [--events N]` (what `make bench` runs).
+"""The benchmark: `python -m bench [--quick] [--only ROW[,ROW]] [--events N] [--compare-ref REF]` (`make bench`).
 
 Everything runs on this machine over 127.0.0.1: tansu
 (service.devtools.broker.LocalBroker), the TikTok sandbox as its own
@@ -26,8 +26,16 @@ is printed beside a baseline measured in the same run, because the box is shared
   profile          py-spy (raw collapsed stacks) of the service draining the email backlog (the failing target),
                    then the mixed one if the run's budget allows; top frames of each printed
 
+  compare          with --compare-ref REF only: this tree against the git commit REF in the same run, on the same
+                   tansu and the same pre-produced backlog: the e2e rows of --compare-rows (default email,mixed;
+                   memory too with --compare-memory) drained by this tree's service then REF's (a detached worktree
+                   under artifacts/bench/ref-<sha>), --compare-repeats times interleaved; medians of ev/s and of the
+                   service's CPU µs/event per side, and their ratio (bench/compare.py). Without --only, a
+                   --compare-ref run measures only the comparison; with --only, those rows run after it
+
 Results: a markdown table on stdout and in artifacts/bench/results.md, raw figures in artifacts/bench/results.json,
-child logs and the profiles (profile-email.raw.txt, profile-mixed.raw.txt) under artifacts/bench/.
+child logs and the profiles (profile-email.raw.txt, profile-mixed.raw.txt) under artifacts/bench/; the comparison
+in artifacts/bench/compare.md and compare.json (a comparison-only run leaves results.md/json as they were).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from bench import phone_options, procs, profiling, workload
+from bench import compare, phone_options, procs, profiling, workload
 from bench.procs import Children
 from service.devtools.broker import LocalBroker
 
@@ -128,6 +136,7 @@ class Bench:
         self.broker: LocalBroker | None = None
         self.run_id = time.strftime("%Y%m%d-%H%M%S")
         self.logs = ARTIFACTS / "logs"
+        self.comparison: compare.Comparison | None = None
 
     # -- budget ------------------------------------------------------------------------------------------
 
@@ -300,10 +309,13 @@ class Bench:
         env.update(extra)
         return env
 
-    def start_service(self, env: dict[str, str], label: str, argv_prefix: list[str] | None = None) -> Service:
+    def start_service(
+        self, env: dict[str, str], label: str, argv_prefix: list[str] | None = None, cwd: Path | None = None
+    ) -> Service:
+        """`python -m service run` in `cwd` (default this tree; --compare-ref passes its worktree)."""
         log = self.logs / f"service-{label}.log"
         argv = [*(argv_prefix or []), procs.python(), "-m", "service", "run"]
-        proc = self.children.popen(argv, log=log, env=env)
+        proc = self.children.popen(argv, log=log, env=env, cwd=cwd)
         return Service(proc, int(env["HTTP_PORT"]), log)
 
     def wait_ready(self, services: list[Service], timeout_s: float = 60.0) -> None:
@@ -848,6 +860,8 @@ class Bench:
         self.notes.append(f"nproc={os.cpu_count()}; load average at start {_loadavg()}")
         self.broker = LocalBroker(log_path=self.logs / "tansu.log").start()
         self.say(f"tansu on {self.bootstrap}")
+        if self.args.compare_ref:
+            compare.run(self)
         for name in selected:
             if self.remaining() < 30:
                 self.rows.append(Row(name, f"skipped: run budget {self.args.budget:.0f}s used up", result="skipped"))
@@ -975,6 +989,18 @@ def main(argv: list[str] | None = None) -> int:
         "--phone-seconds", type=float, help="wall seconds per phone normalisation option (default 2; --quick 1)"
     )
     p.add_argument("--budget", type=float, default=690.0, help="whole-run budget in seconds (default 690)")
+    p.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        help="also run this tree against git commit REF, interleaved (artifacts/bench/compare.md); without --only, "
+        "only the comparison runs",
+    )
+    p.add_argument(
+        "--compare-rows",
+        help=f"rows compared with --compare-ref: {', '.join(compare.ROWS)} (default {','.join(compare.DEFAULT_ROWS)})",
+    )
+    p.add_argument("--compare-repeats", type=int, default=2, help="drains per side and row, interleaved (default 2)")
+    p.add_argument("--compare-memory", action="store_true", help="compare the memory row too (peak RSS)")
     args = p.parse_args(argv)
     args.events = args.events or (50_000 if args.quick else 500_000)
     args.memory_events = args.memory_events or (200_000 if args.quick else 1_000_000)
@@ -993,6 +1019,17 @@ def main(argv: list[str] | None = None) -> int:
                 selected.append("email")
             else:
                 p.error(f"unknown row {name!r}; one of {', '.join(ALL_ROWS)}, e2e")
+    if not args.compare_ref and (args.compare_memory or args.compare_rows):
+        p.error("--compare-rows/--compare-memory need --compare-ref")
+    rows = [x.strip() for x in (args.compare_rows or ",".join(compare.DEFAULT_ROWS)).split(",") if x.strip()]
+    rows += ["memory"] if args.compare_memory and "memory" not in rows else []
+    if any(r not in compare.ROWS for r in rows):
+        p.error(f"--compare-rows: one of {', '.join(compare.ROWS)}")
+    args.compare_rows = rows
+    if args.compare_repeats < 1:
+        p.error("--compare-repeats must be at least 1")
+    if args.compare_ref and not args.only:
+        selected = []
 
     bench = Bench(args)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -1009,8 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     elapsed = time.monotonic() - start
-    text = render(bench, elapsed)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if bench.comparison is not None:
+        print(compare.write(bench, bench.comparison, ARTIFACTS))
+        print(f"(comparison written to {ARTIFACTS / 'compare.md'} and compare.json)", file=sys.stderr)
+    if not selected:
+        return rc
+    text = render(bench, elapsed)
     (ARTIFACTS / "results.md").write_text(text)
     (ARTIFACTS / "results.json").write_text(
         json.dumps(

@@ -1,4 +1,4 @@
-"""`audience-sync` command line: one subcommand per job (DESIGN.md "Command line")."""
+"""`audience-sync` command line: one subcommand per job (docs/design.md "Command line")."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(4, ge=1, le=256)
     max_pending_events: int = Field(50_000, ge=100)
     drain_timeout_s: float = Field(20.0, gt=0)
-    revoke_timeout_s: float = Field(10.0, gt=0)
+    revoke_timeout_s: float = Field(10.0, gt=0, le=25)  # the consumer bridge waits 30 s for the revoke hook
 
     tiktok_timeout_s: float = Field(10.0, gt=0)
     tiktok_max_qps: float = Field(40.0, gt=0)

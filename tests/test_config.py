@@ -359,3 +359,9 @@ def test_unknown_log_level_is_refused() -> None:
 
 def test_librdkafka_properties_with_underscores_keep_them() -> None:
     assert kafka_passthrough({"KAFKA_LOG_LEVEL": "3"}) == {"log_level": "3"}
+
+
+def test_revoke_timeout_stays_under_the_consumer_bridge_timeout() -> None:
+    """The rebalance callback waits 30 s for the revoke hook; a longer flush deadline could never be honoured
+    (before: any value was accepted, and a 60 s deadline ended in an uncommitted revoke)."""
+    assert "REVOKE_TIMEOUT_S" in config_error(env(REVOKE_TIMEOUT_S="60"))

@@ -1,5 +1,6 @@
 """The README stays true: every setting and every metric the code defines is documented there."""
 
+import re
 from pathlib import Path
 
 from service import metrics as m
@@ -53,3 +54,28 @@ def test_every_alert_is_in_the_alerts_table_with_its_runbook_link() -> None:
 def test_quick_start_shows_the_two_commands() -> None:
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert "make run" in quick and "make test" in quick
+
+
+def test_every_repository_path_the_readme_names_exists() -> None:
+    """The module map and architecture name real files: a rename that forgets the README fails here."""
+    root = Path(__file__).resolve().parent.parent
+    named = set(re.findall(r"(?<![\w/.])((?:service|tests|docs|deploy|bench|schemas)/[\w./-]*\w)", README))
+    missing = sorted(p for p in named if not (root / p).exists() and not any(ch in p for ch in "*<"))
+    assert not missing, f"README names paths that do not exist: {missing}"
+
+
+def test_the_repository_stands_alone() -> None:
+    """Code, tests and docs cite only files in the repository (docs/design.md, docs/tiktok-api.md), never the
+    workspace's shared documents."""
+    root = Path(__file__).resolve().parent.parent
+    outside = re.compile(r"DESIGN\.md|\.\./shared|reference/tiktok-api|sink-anchors|reference §")
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("service", "tests", "docs", "deploy", "bench")
+        for path in (root / folder).rglob("*")
+        if path.is_file()
+        and path.suffix in {".py", ".md", ".yaml", ".yml", ".json"}
+        and path != Path(__file__)
+        and outside.search(path.read_text(errors="replace"))
+    ]
+    assert not offenders, offenders

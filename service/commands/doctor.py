@@ -41,7 +41,7 @@ PROG = "audience-sync doctor"
 DEFAULT_TIMEOUT_S = 10.0
 PER_ID_CONCURRENCY = 4  # per-audience fallback reads: polite to TikTok's rate limit
 
-# TikTok codes with a specific operator hint (reference §4.2).
+# TikTok codes with a specific operator hint (docs/tiktok-api.md §4.2).
 _NOT_EXIST = 40007
 _PARAM_ERROR = 40002
 _ADVERTISER_MISSING = frozenset({40300, 40302})
@@ -178,7 +178,7 @@ def check_topics(view: BrokerView, source_topics: Sequence[str], dlq_topic: str)
 
 
 def tiktok_hint(err: TikTokApiError, *, advertiser: str | None = None, users: Sequence[str] = ()) -> str:
-    """What an operator should do about a TikTok refusal, by code (reference §4.2)."""
+    """What an operator should do about a TikTok refusal, by code (docs/tiktok-api.md §4.2)."""
     where = f" (used by {', '.join(users)})" if users else ""
     if err.code is None:
         return "TikTok did not answer: check TIKTOK_API_URL, DNS, proxy and firewall, then run doctor again"
@@ -196,7 +196,8 @@ def tiktok_hint(err: TikTokApiError, *, advertiser: str | None = None, users: Se
             f"the token's user cannot use advertiser {advertiser}{where}: grant access in TikTok Business Center "
             "(audience management), or use a token authorised for that advertiser"
         )
-    return f"see TikTok code {err.code} in the reference; quote request_id {err.answer.request_id or '-'} to support"
+    request_id = err.answer.request_id or "-"
+    return f"see TikTok code {err.code} in docs/tiktok-api.md §4.2; quote request_id {request_id} to support"
 
 
 def _tiktok_detail(err: TikTokApiError) -> str:

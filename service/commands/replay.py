@@ -18,6 +18,15 @@ again (use a new `--group` to re-read the whole topic).
 End of run: every partition reached the end reported by fetch responses (see `service.kafka.dlq_reader`), or
 nothing arrived for `--idle-timeout`. A letter written after the run started (a record failing again, or the
 live service) is never replayed in the same run: its partition stops there, uncommitted, for the next run.
+
+Newer events win: a replayed letter never overrides a newer event for the same user and audience key. Before
+anything is sent, the letters this run would replay are read once, and each source partition they came from is
+read from just after the letter's original record (`dlq.source.*` headers) to its end. A letter whose user (a
+shared hashed identifier) has a later event there for the same audience key, or a later letter in the DLQ, is
+`superseded`: not replayed, counted, committed past (see `service.kafka.supersession` for the design). A letter
+that cannot be checked (source topic or partition gone, no source headers, records deleted by retention, schema
+registry down) is `unverifiable`: by default the run replays nothing and says why; `--unverifiable replay` replays
+such letters anyway, `--unverifiable skip` commits past them. `--dry-run` and the summary count both.
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import orjson
@@ -47,7 +57,7 @@ from service.core.mappings import Mappings
 from service.core.membership import Resolver
 from service.core.model import AudienceChange, AudienceNeeded, Skipped
 from service.core.schemas import SchemaNotLoaded, SchemaStore
-from service.core.watermarks import TopicPartition
+from service.core.types import Headers, TopicPartition
 from service.kafka.consumer import KafkaSourceConsumer
 from service.kafka.dlq_reader import (
     ORIGIN_OFFSET,
@@ -56,8 +66,8 @@ from service.kafka.dlq_reader import (
     REPLAY_COUNT,
     DeadLetterInfo,
     FactFinder,
-    Headers,
     OneLineParser,
+    PartitionReader,
     TopicReader,
     fail,
     headers_of,
@@ -68,6 +78,16 @@ from service.kafka.dlq_reader import (
     tool_settings,
 )
 from service.kafka.producer import AsyncProducer
+from service.kafka.supersession import (
+    NO_SOURCE,
+    Identities,
+    Letter,
+    Outcome,
+    SourceEvent,
+    Supersession,
+    Unreadable,
+    registry_loader,
+)
 
 PROG = "audience-sync replay"
 _STRIP_ON_REPUBLISH = ("dlq.", "__connect.errors.", "replay.")
@@ -105,9 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--until", type=_when, help="dlq.failed_at before this ISO-8601 time")
     f.add_argument("--offsets", type=_offset_range, action="append", default=[], help="P:START-END (repeatable)")
     p.add_argument("--max-replays", type=int, default=3, help="skip letters already replayed this often [3]")
+    p.add_argument(
+        "--unverifiable",
+        choices=("stop", "skip", "replay"),
+        default="stop",
+        help="letters that cannot be checked for newer events: stop (replay nothing, say why), skip (commit past "
+        "them) or replay (anyway) [stop]",
+    )
     p.add_argument("--max-records", type=int, help="stop after handling this many letters (resume later)")
     p.add_argument("--idle-timeout", type=float, default=3.0, help="stop when nothing arrives for this long [3s]")
-    p.add_argument("--dry-run", action="store_true", help="no produce, no upload, no commit: say what would happen")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no produce, no upload, no commit: say what would happen (superseded letters counted too)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no TTY)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     return p
@@ -120,11 +151,50 @@ class Verdict(Enum):
     SELECT = "select"
     FILTERED = "filtered"
     MAX_REPLAYS = "max_replays"
+    SUPERSEDED = "superseded"  # a newer event for the same user and audience key: never replayed
+    UNVERIFIABLE = "unverifiable"  # could not be checked for newer events: not replayed (--unverifiable stop/skip)
+    UNVERIFIED = "unverified"  # could not be checked, replayed anyway (--unverifiable replay)
+
+
+@dataclass
+class Checked:
+    """What the check for newer events decided before the run (see `service.kafka.supersession`).
+
+    Only letters not to be replayed as they are have an entry; `ends` is, per DLQ partition, the first offset the
+    check did not read: a letter from there on was not checked, so its partition stops there (next run).
+    """
+
+    policy: str = "stop"
+    decisions: dict[tuple[int, int], tuple[Outcome, str | None]] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)
+    read: int = 0
+    skipped_filter: int = 0
+    skipped_max_replays: int = 0
+    selected: int = 0
+    source_records: int = 0
+
+    def covers(self, partition: int, offset: int) -> bool:
+        return offset < self.ends.get(partition, -1)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for o, _ in self.decisions.values() if o is outcome)
+
+    def causes(self) -> Counter[str]:
+        return Counter(why or "unknown" for o, why in self.decisions.values() if o is Outcome.UNVERIFIABLE)
+
+    def verdict(self, info: DeadLetterInfo) -> tuple[Verdict, str | None]:
+        outcome, why = self.decisions.get((info.partition, info.offset), (Outcome.KEPT, None))
+        if outcome is Outcome.SUPERSEDED:
+            return Verdict.SUPERSEDED, None
+        if outcome is Outcome.UNVERIFIABLE:
+            return (Verdict.UNVERIFIED if self.policy == "replay" else Verdict.UNVERIFIABLE), why
+        return Verdict.SELECT, None
 
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """The filters and the ping-pong guard; facts (audience key, advertiser) are decoded only when asked for."""
+    """The filters and the ping-pong guard; facts (audience key, advertiser) are decoded only when asked for.
+    With `checked`, a selected letter is also judged by the check for newer events."""
 
     reasons: frozenset[str]
     audience_key: str | None
@@ -134,13 +204,20 @@ class Selector:
     offsets: tuple[tuple[int, int, int | None], ...]
     max_replays: int
     facts: FactFinder
+    checked: Checked | None = None
 
     def verdict(self, msg: Message, info: DeadLetterInfo) -> Verdict:
+        return self.judge(msg, info)[0]
+
+    def judge(self, msg: Message, info: DeadLetterInfo) -> tuple[Verdict, str | None]:
+        """The verdict, and for an unverifiable letter the cause."""
         if not self.matches(msg, info):
-            return Verdict.FILTERED
+            return Verdict.FILTERED, None
         if info.replay_count >= self.max_replays:
-            return Verdict.MAX_REPLAYS
-        return Verdict.SELECT
+            return Verdict.MAX_REPLAYS, None
+        if self.checked is not None:
+            return self.checked.verdict(info)
+        return Verdict.SELECT, None
 
     def matches(self, msg: Message, info: DeadLetterInfo) -> bool:
         if self.reasons and info.reason not in self.reasons:
@@ -196,13 +273,45 @@ class Summary:
     done: int = 0
     skipped_filter: int = 0
     skipped_max_replays: int = 0
+    superseded: int = 0
+    unverifiable: int = 0
+    unverifiable_policy: str = "stop"
     failed: int = 0
     unfinished: int = 0
     held_partitions: int = 0
+    source_records_checked: int = 0
+    unverifiable_by_cause: Counter[str] = field(default_factory=Counter)
     failed_by_reason: Counter[str] = field(default_factory=Counter)
     targets: Counter[str] = field(default_factory=Counter)
     would: Counter[str] = field(default_factory=Counter)
     error: str | None = None
+
+    def counted(self, verdict: Verdict, why: str | None) -> bool:
+        """Count one read letter's verdict; True when the letter is to be replayed."""
+        if verdict is Verdict.FILTERED:
+            self.skipped_filter += 1
+        elif verdict is Verdict.MAX_REPLAYS:
+            self.skipped_max_replays += 1
+        elif verdict is Verdict.SUPERSEDED:
+            self.superseded += 1
+        else:
+            if verdict is not Verdict.SELECT:
+                self.unverifiable += 1
+                self.unverifiable_by_cause[why or "unknown"] += 1
+            if verdict is Verdict.UNVERIFIABLE:
+                return False
+            self.selected += 1
+            return True
+        return False
+
+    def uncount(self, verdict: Verdict, why: str | None) -> None:
+        """Undo `counted` for a selected letter left for the next run."""
+        self.read -= 1
+        self.selected -= 1
+        if verdict is Verdict.UNVERIFIED:
+            self.unverifiable -= 1
+            self.unverifiable_by_cause[why or "unknown"] -= 1
+            self.unverifiable_by_cause += Counter()  # drop zero counts
 
     @property
     def done_label(self) -> str:
@@ -220,11 +329,17 @@ class Summary:
             ("republished" if self.mode == "republish" else "processed"): self.done,
             "skipped_filter": self.skipped_filter,
             "skipped_max_replays": self.skipped_max_replays,
+            "superseded": self.superseded,
+            "unverifiable": self.unverifiable,
             "failed": self.failed,
             "failed_by_reason": dict(self.failed_by_reason.most_common()),
             "unfinished": self.unfinished,
             "partitions_stopped_at_newer_letters": self.held_partitions,
+            "source_records_checked": self.source_records_checked,
         }
+        if self.unverifiable:
+            doc["unverifiable_by_cause"] = dict(self.unverifiable_by_cause.most_common())
+            doc["unverifiable_policy"] = self.unverifiable_policy
         if self.mode == "republish":
             doc["to_topics"] = dict(self.targets.most_common())
         if self.dry_run:
@@ -240,18 +355,26 @@ class Summary:
             (self.done_label, self.done),
             ("skipped by filter", self.skipped_filter),
             ("skipped for max replays (replay.count >= limit)", self.skipped_max_replays),
-            ("failed", self.failed),
+            ("superseded by newer events (not replayed)", self.superseded),
         ]
+        if self.unverifiable:
+            what = {"replay": "replayed anyway", "skip": "skipped"}.get(self.unverifiable_policy, "not replayed")
+            rows.append((f"unverifiable: not checked for newer events ({what})", self.unverifiable))
+            rows += [(f"  unverifiable: {c}", n) for c, n in self.unverifiable_by_cause.most_common()]
+        rows.append(("failed", self.failed))
         rows += [(f"  failed: {r}", n) for r, n in self.failed_by_reason.most_common()]
         if self.unfinished:
             rows.append(("unfinished (uncommitted, next run)", self.unfinished))
         if self.held_partitions:
             rows.append(("partitions stopped at newer letters", self.held_partitions))
+        rows.append(("source records checked for newer events", self.source_records_checked))
         rows += [(f"  to topic {t}", n) for t, n in self.targets.most_common()]
         rows += [(f"  with current mappings: {w}", n) for w, n in self.would.most_common()]
         width = max(len(name) for name, _ in rows)
         title = f"replay ({self.mode}{', dry run' if self.dry_run else ''}) of {self.topic}, group {self.group}"
         lines = [title] + [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+        if self.dry_run and self.unverifiable and self.unverifiable_policy == "stop":
+            lines.append("  a real run stops before replaying anything: see --unverifiable")
         if self.error:
             lines.append(f"  stopped: {self.error}")
         return "\n".join(lines)
@@ -328,6 +451,7 @@ class _Republisher:
         summary: Summary,
         progress: Progress,
         resolver: Resolver | None,
+        run_started: datetime,
     ) -> None:
         self.args = args
         self.selector = selector
@@ -335,7 +459,7 @@ class _Republisher:
         self.progress = progress
         self.resolver = resolver
         self.topic = summary.topic
-        self.run_started = _now_ms()
+        self.run_started = run_started
         self.stopping = threading.Event()
         self.reader = TopicReader(
             reader_config(settings, environ, summary.group),
@@ -392,26 +516,20 @@ class _Republisher:
             if (limit is not None and self.summary.read >= limit) or self.stopping.is_set():
                 self._hold(p)
                 continue
-            if info.failed_at is not None and info.failed_at >= self.run_started:
+            if _not_this_run(info, self.run_started, self.selector.checked):
                 self.summary.held_partitions += 1
                 self._hold(p)
                 continue
             self.summary.read += 1
             self.progress.update()
-            verdict = self.selector.verdict(msg, info)
-            if verdict is Verdict.FILTERED:
-                self.summary.skipped_filter += 1
-            elif verdict is Verdict.MAX_REPLAYS:
-                self.summary.skipped_max_replays += 1
-            else:
-                self.summary.selected += 1
+            verdict, why = self.selector.judge(msg, info)
+            if self.summary.counted(verdict, why):
                 problem = self._send(msg, info, deliveries)
                 if problem is not None:
                     self.summary.failed += 1
                     self.summary.failed_by_reason[problem] += 1
                     if not self.args.dry_run:  # a real run stops the partition here, uncommitted, for a fix
-                        self.summary.read -= 1
-                        self.summary.selected -= 1
+                        self.summary.uncount(verdict, why)
                         failed_partition[p] = problem
                         self._hold(p)
                         continue
@@ -489,6 +607,121 @@ class _Republisher:
         return None
 
 
+# -- check for newer events (both modes, before anything is sent) ---------------------------------------------
+
+
+def _not_this_run(info: DeadLetterInfo, run_started: datetime, checked: Checked | None) -> bool:
+    """A letter written after the run started, or one the check for newer events did not see: its partition
+    stops there, uncommitted, for the next run."""
+    if info.failed_at is not None and info.failed_at >= run_started:
+        return True
+    return checked is not None and not checked.covers(info.partition, info.offset)
+
+
+def _letter(msg: Message, info: DeadLetterInfo, identities: Identities, dlq_topic: str) -> Letter:
+    """What the check needs of a selected letter: its position, its original's position, its user."""
+    at = (info.partition, info.offset)
+    try:
+        who = identities.of(msg.value(), headers_of(msg))
+    except Unreadable as exc:
+        return Letter(at, None, problem=str(exc))
+    if who is None:
+        return Letter(at, None)  # not a membership change: replaying it cannot override anything
+    audience, cells = who
+    topic, partition, offset = info.home_topic, info.home_partition, info.home_offset
+    if topic is None or partition is None or partition < 0 or offset is None:
+        return Letter(at, None, audience, cells, problem=NO_SOURCE)
+    if topic == dlq_topic:
+        return Letter(at, None, audience, cells, problem="original position unknown (its source is the DLQ)")
+    return Letter(at, (topic, partition, offset), audience, cells)
+
+
+def check_newer(
+    settings: Settings,
+    environ: Mapping[str, str],
+    args: argparse.Namespace,
+    selector: Selector,
+    summary: Summary,
+    identities: Identities,
+    run_started: datetime,
+) -> Checked:
+    """Read the letters this run would handle (same group, same filters) and the source partitions they came
+    from, and decide which are superseded or unverifiable. Sends and commits nothing."""
+    checked = Checked(policy=args.unverifiable)
+    check = Supersession()
+    reader = TopicReader(
+        {"fetch.wait.max.ms": 100, **reader_config(settings, environ, summary.group)},
+        summary.topic,
+        from_committed=True,
+        idle_timeout_s=args.idle_timeout,
+        poll_s=0.1,
+    )
+    try:
+        for batch in reader.messages():
+            for msg in batch:
+                info = DeadLetterInfo.of(msg)
+                if info.partition in reader.finished:
+                    continue
+                if _not_this_run(info, run_started, None):
+                    reader.hold(info.partition)
+                    continue
+                checked.ends[info.partition] = info.offset + 1
+                checked.read += 1
+                verdict = selector.verdict(msg, info)
+                if verdict is Verdict.FILTERED:
+                    checked.skipped_filter += 1
+                elif verdict is Verdict.MAX_REPLAYS:
+                    checked.skipped_max_replays += 1
+                else:
+                    check.add(_letter(msg, info, identities, summary.topic))
+    finally:
+        reader.close()
+    starts = check.starts()
+    if starts:
+        source = PartitionReader(reader_config(settings, environ, None), starts, idle_timeout_s=args.idle_timeout)
+        try:
+            for batch in source.messages():
+                for msg in batch:
+                    checked.source_records += 1
+                    topic, partition = msg.topic() or "", msg.partition() or 0
+                    try:
+                        who = identities.of(msg.value(), headers_of(msg), partial(check.wants, topic, partition))
+                    except Unreadable as exc:
+                        check.problem(topic, partition, f"partition {partition} of topic {topic}: {exc}")
+                        continue
+                    if who is not None:
+                        check.observe(SourceEvent(topic, partition, msg.offset() or 0, who[0], who[1]))
+        finally:
+            source.close()
+        for (topic, partition), state in source.state.items():
+            if state.problem is not None:
+                check.problem(topic, partition, state.problem)
+            elif state.end is not None:
+                check.reached_end(topic, partition, state.end, state.first)
+    for letter, decision in check.decide():
+        if decision.outcome is not Outcome.KEPT:
+            checked.decisions[letter.at] = (decision.outcome, decision.why)
+    checked.selected = len(check) - len(checked.decisions)
+    summary.source_records_checked = checked.source_records
+    return checked
+
+
+def _refuse_unverifiable(summary: Summary, checked: Checked) -> None:
+    """`--unverifiable stop` (the default) and letters that cannot be checked: the run replays nothing."""
+    summary.read = checked.read
+    summary.skipped_filter = checked.skipped_filter
+    summary.skipped_max_replays = checked.skipped_max_replays
+    summary.selected = checked.selected
+    summary.superseded = checked.count(Outcome.SUPERSEDED)
+    summary.unverifiable = checked.count(Outcome.UNVERIFIABLE)
+    summary.unverifiable_by_cause = checked.causes()
+    summary.error = (
+        f"{summary.unverifiable} selected letter(s) cannot be checked for newer events, so nothing was replayed; "
+        "fix the cause, or rerun with --unverifiable replay (replay them anyway) or --unverifiable skip "
+        "(commit past them)"
+    )
+
+
 # -- process --------------------------------------------------------------------------------------------------
 
 
@@ -518,10 +751,10 @@ class _Gate:
         self.held: dict[TopicPartition, int] = {}
         self.newer_held = 0
         self.at_end: set[TopicPartition] = set()
+        self.checked: Checked | None = None
 
     def newer(self, msg: Message) -> bool:
-        info = DeadLetterInfo.of(msg)
-        return info.failed_at is not None and info.failed_at >= self.run_started
+        return _not_this_run(DeadLetterInfo.of(msg), self.run_started, self.checked)
 
 
 class ReplayConsumer(KafkaSourceConsumer):
@@ -590,7 +823,7 @@ class _CountingProducer(AsyncProducer):
         *,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes | None]] | None = None,
+        headers: Headers | None = None,
         timestamp_ms: int | None = None,
     ) -> None:
         await super().send(topic, key=key, value=value, headers=headers, timestamp_ms=timestamp_ms)
@@ -607,6 +840,7 @@ async def _process(
     summary: Summary,
     progress: Progress,
     mappings: Mappings,
+    run_started: datetime,
 ) -> int:
 
     import aiohttp
@@ -621,14 +855,9 @@ async def _process(
         info = DeadLetterInfo.of(msg)
         summary.read += 1
         progress.update()
-        verdict = selector.verdict(msg, info)
-        if verdict is Verdict.FILTERED:
-            summary.skipped_filter += 1
-            return "replay_filtered", headers
-        if verdict is Verdict.MAX_REPLAYS:
-            summary.skipped_max_replays += 1
-            return "replay_max_replays", headers
-        summary.selected += 1
+        verdict, why = selector.judge(msg, info)
+        if not summary.counted(verdict, why):
+            return f"replay_{verdict.value}", headers
         return None, replayed_headers(headers, info, keep_dlq=True)
 
     token = TokenSource(settings)
@@ -641,7 +870,8 @@ async def _process(
         )
         conf: dict[str, Any] = dict(consumer_config(settings, environ))
         conf.update({"group.id": summary.group, "enable.partition.eof": True, "error_cb": pipeline.on_error})
-        gate = _Gate(_now_ms(), args.max_records, stop.set, args.idle_timeout, pipeline.watermarks.pending)
+        gate = _Gate(run_started, args.max_records, stop.set, args.idle_timeout, pipeline.ledger.pending)
+        gate.checked = selector.checked
         consumer = ReplayConsumer(
             conf,
             [summary.topic],
@@ -661,7 +891,7 @@ async def _process(
                     loop.remove_signal_handler(sig)
             left = await asyncio.to_thread(dlq.close)
         summary.held_partitions = gate.newer_held
-        summary.unfinished = pipeline.watermarks.pending()
+        summary.unfinished = pipeline.ledger.pending()
         if left:
             summary.error = f"{left} dead letter(s) not acknowledged; their records stay uncommitted"
     summary.done = max(0, summary.selected - summary.failed - summary.unfinished)
@@ -699,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(PROG, "--to-topic must not be the dead-letter topic")
         mappings = load_current_mappings(settings)
         summary = Summary(args.mode, args.dry_run, topic, args.group or f"{settings.consumer_group}.replay")
+        summary.unverifiable_policy = args.unverifiable
         selector = Selector(
             frozenset(args.reason),
             args.audience_key,
@@ -709,14 +940,23 @@ def main(argv: list[str] | None = None) -> int:
             args.max_replays,
             FactFinder(mappings, settings.default_advertiser_id),
         )
+        from service.commands.run import resolver_settings
+
+        run_started = _now_ms()
+        loader = registry_loader(settings.schema_registry_url) if settings.schema_registry_url else None
+        identities = Identities(resolver_settings(settings), loader)
         if args.mode == "process" and not args.dry_run:
             _check_topic(settings, environ, topic)
-            rc = asyncio.run(_process(settings, environ, args, selector, summary, progress, mappings))
+        checked = check_newer(settings, environ, args, selector, summary, identities, run_started)
+        selector = replace(selector, checked=checked)
+        if checked.count(Outcome.UNVERIFIABLE) and args.unverifiable == "stop" and not args.dry_run:
+            _refuse_unverifiable(summary, checked)
+            rc = 1
+        elif args.mode == "process" and not args.dry_run:
+            rc = asyncio.run(_process(settings, environ, args, selector, summary, progress, mappings, run_started))
         else:
-            from service.commands.run import resolver_settings
-
             resolver = Resolver(resolver_settings(settings), mappings, SchemaStore()) if args.dry_run else None
-            rc = _Republisher(settings, environ, args, selector, summary, progress, resolver).run()
+            rc = _Republisher(settings, environ, args, selector, summary, progress, resolver, run_started).run()
     except ConfigError as exc:
         return fail(PROG, str(exc))
     except ValueError as exc:  # the resolver's own settings checks (e.g. PHONE_DEFAULT_REGION)

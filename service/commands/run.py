@@ -164,6 +164,8 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
                 problems.append("broker unreachable")
             if not pipeline.auth_ok:
                 problems.append("TikTok rejects the access token")
+            if not pipeline.endpoint_ok:
+                problems.append("TIKTOK_API_URL does not answer as TikTok's API")
             return (not problems, "; ".join(problems) or "ok")
 
         ops = create_ops_app(heartbeat_check(lambda: pipeline.heartbeat, 30.0), ready)

@@ -1,6 +1,6 @@
 """What a TikTok answer means for the records in the request: one table, data not scattered ifs.
 
-TikTok answers most errors with HTTP 200 and a non-zero `code` (reference/tiktok-api.md §4), so the code decides
+TikTok answers most errors with HTTP 200 and a non-zero `code` (docs/tiktok-api.md §4), so the code decides
 when the body parses; the HTTP status decides otherwise.
 """
 
@@ -17,6 +17,8 @@ class Verdict(StrEnum):
     PERMISSION = "permission"  # advertiser/app not allowed: dead letter `tiktok_permission`
     REJECTED = "rejected"  # the payload is refused: bisect, dead-letter the offending rows `tiktok_rejected`
     SPLIT = "split"  # batch too large: split in halves and resend
+    NOT_FOUND = "not_found"  # an object of the request does not exist (40007: a deleted audience, a wrong id)
+    ENDPOINT = "endpoint"  # the answer is not TikTok's (an HTML 404, a gateway page): configuration, not rows
 
 
 # TikTok `code` → verdict. Sources: the official SDK's code table and what RudderStack, Airbyte and Segment do.
@@ -53,6 +55,8 @@ CODE_TABLE: dict[int, Verdict] = {
     40011: Verdict.REJECTED,
     40062: Verdict.REJECTED,
     40061: Verdict.SPLIT,
+    # "object does not exist": in segment/mapping the only object named is the audience (docs/tiktok-api.md §4)
+    40007: Verdict.NOT_FOUND,
 }
 
 # Code ranges: RPC/internal (51xxx) and storage (52xxx) errors are TikTok-side and transient.
@@ -105,24 +109,27 @@ class Answer:
 
 
 def classify(http_status: int | None, code: int | None) -> Verdict:
-    """Verdict for one answer; `http_status` None means the request never got an answer (timeout, reset)."""
+    """Verdict for one answer; `http_status` None means the request never got an answer (timeout, reset).
+
+    An answer without TikTok's envelope (`code` None) outside the transient statuses is not TikTok speaking:
+    a wrong `TIKTOK_API_URL`, a proxy's or gateway's page. That says nothing about the rows, so it is never a
+    refusal (which would dead-letter them) but `ENDPOINT`: uploads stop until a probe gets TikTok again.
+    """
     if http_status is None:
         return Verdict.RETRY
-    if 200 <= http_status < 300:
-        if code is None:
-            return Verdict.RETRY  # a 2xx without TikTok's envelope (a proxy page): nothing is known to be applied
-        return verdict_for_code(code)
     if http_status in RETRYABLE_HTTP or http_status >= 500:
         return Verdict.RETRY
+    if 200 <= http_status < 300:
+        return Verdict.ENDPOINT if code is None else verdict_for_code(code)
     if http_status == 401:
         return Verdict.AUTH
-    if http_status == 403:
-        return Verdict.PERMISSION
     if http_status == 413:
         return Verdict.SPLIT
-    if code is not None and code in CODE_TABLE:
-        return CODE_TABLE[code]
-    return Verdict.REJECTED
+    if code is None:
+        return Verdict.ENDPOINT
+    if http_status == 403:
+        return Verdict.PERMISSION
+    return verdict_for_code(code) if code in CODE_TABLE else Verdict.REJECTED
 
 
 def verdict_for_code(code: int) -> Verdict:

@@ -6,9 +6,12 @@ column layout, and may mix audiences of that advertiser.
 TikTok's membership state is per (audience, identifier type, hash) cell, so ordering is kept per cell:
 - a newer change for a pending cell replaces the older one wherever it waits (net change, also across the add
   and delete buffers), and the older record is finished as superseded;
-- a row is never sent while any of its cells is in a request still in flight; it waits in its buffer until that
-  request has a final outcome (uploaded or dead-lettered). So an add and a delete for one user and audience
-  are never in flight together, and TikTok ends in the state of the last event consumed.
+- a row is never sent while any of its cells is in a request still in flight; it waits, set aside from its
+  buffer's linger clock, until that request has a final outcome (uploaded or dead-lettered). So an add and a
+  delete for one user and audience are never in flight together, and TikTok ends in the state of the last
+  event consumed. A blocked row neither keeps `next_deadline` in the past (the dispatcher would spin) nor
+  makes every new row of its key leave at once as a one-row "linger" batch: linger counts from the oldest
+  row that can be sent.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from itertools import count
 from typing import Any
 
 from service.core.model import Action, AudienceChange, IdType
-from service.core.watermarks import RecordRef, TopicPartition
+from service.core.types import RecordRef, TopicPartition
 
 BatchKey = tuple[str, Action, tuple[IdType, ...]]
 CellKey = tuple[str, str, IdType, str]  # advertiser, audience, id type, hash
@@ -55,6 +58,13 @@ class Row:
         return self.keys
 
 
+@dataclass(slots=True)
+class SplitBudget:
+    """Requests a batch and its halves may still spend isolating refused rows (`upload_policy`)."""
+
+    left: int
+
+
 @dataclass(slots=True, eq=False)
 class Batch:
     """A request's worth of rows. Its cells stay "in flight" until `Batcher.release` is called."""
@@ -62,8 +72,9 @@ class Batch:
     id: int
     key: BatchKey
     rows: list[Row]
-    trigger: str  # rows | bytes | linger | force
+    trigger: str  # rows | bytes | linger | force | split
     attempts: int = 0
+    budget: SplitBudget | None = None
 
     @property
     def advertiser_id(self) -> str:
@@ -81,7 +92,8 @@ class Batch:
 @dataclass(slots=True, eq=False)
 class _Buffer:
     key: BatchKey
-    rows: dict[int, Row] = field(default_factory=dict)  # insertion-ordered by row identity
+    rows: dict[int, Row] = field(default_factory=dict)  # sendable rows, insertion-ordered by row identity
+    blocked: dict[int, Row] = field(default_factory=dict)  # rows waiting for an in-flight change to a cell
     nbytes: int = 0
 
     def oldest(self) -> float:
@@ -109,6 +121,7 @@ class Batcher:
         self._pending_cells: dict[CellKey, Row] = {}
         self._row_buffer: dict[int, _Buffer] = {}
         self._inflight_cells: dict[CellKey, int] = {}  # cell → requests in flight carrying it
+        self._blocked: dict[int, Row] = {}  # rows set aside until a cell of theirs leaves flight
         self._ids = count(1)
         self.pending_rows = 0
 
@@ -144,6 +157,8 @@ class Batcher:
         self._pending_cells.pop((c.advertiser_id, c.audience_id, t, h), None)
         row._rekey()
         buf = self._row_buffer[id(row)]
+        if id(row) in self._blocked and self._inflight_cells.keys().isdisjoint(row.keys):
+            self._unblock(buf, row)  # the cell it waited for was superseded: nothing holds it back now
         new_bytes = self._row_bytes(row, buf.key[2])
         buf.nbytes += new_bytes - row.nbytes
         row.nbytes = new_bytes
@@ -153,11 +168,13 @@ class Batcher:
         return True
 
     def _remove_row(self, buf: _Buffer, row: Row) -> None:
-        del buf.rows[id(row)]
+        if buf.rows.pop(id(row), None) is None:
+            del buf.blocked[id(row)]
+            del self._blocked[id(row)]
         del self._row_buffer[id(row)]
         buf.nbytes -= row.nbytes
         self.pending_rows -= 1
-        if not buf.rows:
+        if not buf.rows and not buf.blocked:
             del self._buffers[buf.key]
 
     @staticmethod
@@ -208,13 +225,19 @@ class Batcher:
         inflight = self._inflight_cells
         free = inflight.keys().isdisjoint
         max_rows, max_bytes = self.max_rows, self.max_bytes
+        blocked: list[Row] = []
         for row in buf.rows.values():
             if len(rows) >= max_rows or (rows and nbytes + row.nbytes > max_bytes):
                 break
             if inflight and not free(row.keys):
-                continue  # an older change to one of its cells is still in flight: wait for its outcome
+                blocked.append(row)  # an older change to one of its cells is still in flight: wait for its outcome
+                continue
             rows.append(row)
             nbytes += row.nbytes
+        for row in blocked:
+            del buf.rows[id(row)]
+            buf.blocked[id(row)] = row
+            self._blocked[id(row)] = row
         if not rows:
             return None
         pending = self._pending_cells
@@ -235,10 +258,23 @@ class Batcher:
                     inflight[ck] = n - 1
                 else:
                     del inflight[ck]
+        if self._blocked:
+            free = inflight.keys().isdisjoint
+            for row in [r for r in self._blocked.values() if free(r.keys)]:
+                self._unblock(self._row_buffer[id(row)], row)
+
+    def _unblock(self, buf: _Buffer, row: Row) -> None:
+        """Back among the sendable rows, in arrival order: it lingers from when it arrived, not from now."""
+        del self._blocked[id(row)]
+        del buf.blocked[id(row)]
+        rows = buf.rows
+        rows[id(row)] = row
+        if len(rows) > 1 and next(iter(rows.values())).enqueued_at > row.enqueued_at:
+            buf.rows = dict(sorted(rows.items(), key=lambda kv: kv[1].enqueued_at))
 
     def next_deadline(self, hold: Container[BatchKey] = ()) -> float | None:
-        """When the oldest buffered row outside `hold` lingers out (clock time), or None when there is none."""
-        oldest = [buf.oldest() for buf in self._buffers.values() if buf.key not in hold]
+        """When the oldest sendable row outside `hold` lingers out (clock time), or None when there is none."""
+        oldest = [buf.oldest() for buf in self._buffers.values() if buf.rows and buf.key not in hold]
         return min(oldest) + self.linger_s if oldest else None
 
     # -- rebalance ------------------------------------------------------------------------------------------
@@ -250,7 +286,7 @@ class Batcher:
         if not lost:
             return 0
         for buf in list(self._buffers.values()):
-            for row in [r for r in buf.rows.values() if r.ref.tp in lost]:
+            for row in [r for r in (*buf.rows.values(), *buf.blocked.values()) if r.ref.tp in lost]:
                 for ck in row.cell_keys():
                     self._pending_cells.pop(ck, None)
                 self._remove_row(buf, row)
@@ -259,7 +295,9 @@ class Batcher:
 
     def pending_for(self, tps: Iterable[TopicPartition]) -> int:
         want = set(tps)
-        return sum(1 for buf in self._buffers.values() for r in buf.rows.values() if r.ref.tp in want)
+        return sum(
+            1 for buf in self._buffers.values() for r in (*buf.rows.values(), *buf.blocked.values()) if r.ref.tp in want
+        )
 
     @property
     def inflight_cells(self) -> int:

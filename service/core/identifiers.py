@@ -1,4 +1,4 @@
-"""Normalise and SHA-256 identifiers the way TikTok matches them (reference §1.7, §6.3).
+"""Normalise and SHA-256 identifiers the way TikTok matches them (docs/tiktok-api.md §1.7, §6.3).
 
 Each `hash_*` function returns the lowercase hex digest, None when the value is absent (None, empty,
 whitespace-only), or a `MatchError` naming the type and a reason code. Nothing here ever puts the raw value

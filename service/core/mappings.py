@@ -1,4 +1,4 @@
-"""The mappings file: audience key → TikTok advertiser and audience (DESIGN.md, "Mappings file").
+"""The mappings file: audience key → TikTok advertiser and audience (docs/design.md "Mappings file").
 
 Operators edit this file to fix dead letters, so validation is strict and every error names the file, the
 audience key and the field: a typo must fail at load time, not silently route users to the wrong audience.

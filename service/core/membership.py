@@ -4,7 +4,7 @@
 input bytes except `SchemaNotLoaded` (the I/O edge fetches the schema and retries), because one bad record
 must not stop a partition: it becomes a dead letter with an operator-readable reason instead.
 
-Resolution order (DESIGN.md "Input events"):
+Resolution order (docs/design.md "Input events"):
 - audience id: explicit field (canonical `audience_id`; Segment `properties.external_audience_id` on track,
   `traits.external_audience_id` on identify) → `context.personas.external_audience_id` → MAPPINGS_FILE entry
   of the audience key (canonical `audience_key`; Segment `context.personas.computation_key`, else

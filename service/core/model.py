@@ -24,7 +24,7 @@ ID_TYPES: Final[tuple[IdType, ...]] = ("EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA
 
 
 class DlqReason(StrEnum):
-    """Stable dead-letter reason codes (DESIGN.md): extend, never rename."""
+    """Stable dead-letter reason codes (docs/design.md "Dead-letter topic"): extend, never rename."""
 
     INVALID_PAYLOAD = "invalid_payload"
     MISSING_AUDIENCE_ID = "missing_audience_id"

@@ -50,6 +50,7 @@ class TokenBucket:
         min_rate: float = 0.5,
         decrease: float = 0.5,
         recover_per_s: float | None = None,
+        throttle_window_s: float = 1.0,
     ) -> None:
         self.max_rate = rate
         self.rate = rate
@@ -60,6 +61,8 @@ class TokenBucket:
         self._clock = clock
         self._tokens = self._burst
         self._last = clock()
+        self._window = throttle_window_s
+        self._throttled_at: float | None = None
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self._last)
@@ -77,8 +80,18 @@ class TokenBucket:
             return 0.0
         return (1.0 - self._tokens) / self.rate
 
-    def throttled(self) -> None:
-        """TikTok said "too frequent": halve the rate (not below `min_rate`) and drop the saved burst."""
-        self._refill(self._clock())
-        self.rate = max(self.min_rate, self.rate * self._decrease)
+    def throttled(self) -> bool:
+        """TikTok said "too frequent": halve the rate (not below `min_rate`) and drop the saved burst.
+
+        Once per `throttle_window_s`: the requests in flight when the limit hit all come back rate-limited
+        together, and they are one signal, not four (halving per answer took four at once to 1/16).
+        Returns whether the rate was cut.
+        """
+        now = self._clock()
+        self._refill(now)
         self._tokens = min(self._tokens, 0.0)
+        if self._throttled_at is not None and now - self._throttled_at < self._window:
+            return False
+        self._throttled_at = now
+        self.rate = max(self.min_rate, self.rate * self._decrease)
+        return True

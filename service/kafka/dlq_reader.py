@@ -1,4 +1,5 @@
-"""Shared by `dlq inspect` and `replay`: read the dead-letter topic to its end, and parse dead letters.
+"""Shared by `dlq inspect` and `replay`: read the dead-letter topic to its end, and parse dead letters; and, for
+replay's check for newer events, read given source partitions from given offsets to their end.
 
 End of topic comes from the high watermark carried by *fetch* responses, surfaced by librdkafka as a
 `_PARTITION_EOF` event (`enable.partition.eof=true`). A fresh ListOffsets(latest) is never used: the test
@@ -17,7 +18,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, cast
 
@@ -29,8 +31,8 @@ from service.core.dead_letters import header_value
 from service.core.events import SEGMENT, Event, decode_event
 from service.core.mappings import Mappings, MappingsError, load_mappings
 from service.core.schemas import SchemaNotLoaded, SchemaStore
+from service.core.types import Headers
 
-Headers = list[tuple[str, bytes | None]]
 UNKNOWN = "unknown"
 REPLAY_COUNT = "replay.count"
 # Where a record first came from: kept across replays, because a record re-dead-lettered by `replay --mode
@@ -104,6 +106,12 @@ def _int(text: str | None, default: int) -> int:
         return default
 
 
+def _position(text: str | None) -> int | None:
+    """A partition or offset header: a non-negative integer, else None (unknown)."""
+    value = _int(text, -1)
+    return value if value >= 0 else None
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterInfo:
     """The headers of one dead letter, parsed; key and value stay on the message (never printed)."""
@@ -119,6 +127,8 @@ class DeadLetterInfo:
     replay_count: int
     origin_topic: str | None
     origin_partition: int | None
+    source_offset: int | None = None
+    origin_offset: int | None = None
 
     @classmethod
     def of(cls, msg: Message) -> DeadLetterInfo:
@@ -137,6 +147,8 @@ class DeadLetterInfo:
             replay_count=max(0, _int(header_value(h, REPLAY_COUNT), 0)),
             origin_topic=header_value(h, ORIGIN_TOPIC),
             origin_partition=_int(origin_partition, -1) if origin_partition is not None else None,
+            source_offset=_position(header_value(h, "dlq.source.offset")),
+            origin_offset=_position(header_value(h, ORIGIN_OFFSET)),
         )
 
     @property
@@ -147,6 +159,11 @@ class DeadLetterInfo:
     @property
     def home_partition(self) -> int | None:
         return self.origin_partition if self.origin_topic else self.source_partition
+
+    @property
+    def home_offset(self) -> int | None:
+        """The offset of the original record in `home_topic` (replay's check for newer events reads from there)."""
+        return self.origin_offset if self.origin_topic else self.source_offset
 
 
 class FactFinder:
@@ -238,9 +255,12 @@ class TopicReader:
     caller commits nothing past that record.
     """
 
-    def __init__(self, conf: dict[str, Any], topic: str, *, from_committed: bool, idle_timeout_s: float) -> None:
+    def __init__(
+        self, conf: dict[str, Any], topic: str, *, from_committed: bool, idle_timeout_s: float, poll_s: float = 0.5
+    ) -> None:
         self.topic = topic
         self.idle_timeout_s = idle_timeout_s
+        self.poll_s = poll_s  # one consume call waits this long unless a full batch is there
         self.consumer = Consumer(conf)
         try:
             self.partitions = partitions_of(self.consumer, topic)
@@ -259,7 +279,7 @@ class TopicReader:
         """Batches of records until every partition reached its end or was held, or nothing came for a while."""
         last = time.monotonic()
         while len(self.finished) < len(self.partitions) and not should_stop():
-            got = self.consumer.consume(batch, 0.5)
+            got = self.consumer.consume(batch, self.poll_s)
             out: list[Message] = []
             for msg in got:
                 err = msg.error()
@@ -282,6 +302,155 @@ class TopicReader:
         if offsets:
             kt = [KTP(self.topic, p, o) for p, o in offsets.items()]
             self.consumer.commit(offsets=kt, asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@dataclass(slots=True)
+class PartitionRead:
+    """How far `PartitionReader` got in one partition."""
+
+    end: int | None = None  # the end offset reported by the partition's first EOF: every record before it was read
+    first: int | None = None  # when the start offset was gone (retention): the first offset that was still there
+    problem: str | None = None  # why the partition could not be read to its end
+    restarted: bool = field(default=False, repr=False)
+
+
+class PartitionReader:
+    """Reads chosen partitions from chosen offsets up to the end reported by each one's first EOF; no group.
+
+    The end comes from fetch responses (`_PARTITION_EOF`), as for `TopicReader`. A partition that cannot be read
+    to its end gets a `problem` instead, never silence: its topic or the partition does not exist, the broker
+    reported an error for it, or no EOF came within the idle timeout (tansu, for one, answers a fetch below the
+    log start or past the end with nothing at all). A start offset that is no longer there (real Kafka answers
+    OFFSET_OUT_OF_RANGE; `auto.offset.reset=error` surfaces it) restarts the partition at its beginning and
+    records the first offset still there in `first`. `consumer` is for tests (anything with confluent's
+    `Consumer` methods used here).
+    """
+
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        starts: Mapping[tuple[str, int], int],
+        *,
+        idle_timeout_s: float,
+        consumer: Any = None,
+        metadata_timeout_s: float = 10.0,
+        poll_s: float = 0.1,
+    ) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self.poll_s = poll_s
+        self.state: dict[tuple[str, int], PartitionRead] = {tp: PartitionRead() for tp in starts}
+        # A short fetch wait: the end is known when a fetch at the end comes back empty (KAFKA_* can override it).
+        conf = {"fetch.wait.max.ms": 100, **conf, "auto.offset.reset": "error"}
+        self.consumer: Any = consumer or Consumer(conf)
+        assign: list[KTP] = []
+        try:
+            for topic in sorted({t for t, _ in starts}):
+                present = self._partitions(topic, metadata_timeout_s)
+                for (t, p), offset in sorted(starts.items()):
+                    if t != topic:
+                        continue
+                    if isinstance(present, str):
+                        self.state[(t, p)].problem = present
+                    elif p not in present:
+                        self.state[(t, p)].problem = f"partition {p} of topic {t} not found"
+                    else:
+                        assign.append(KTP(t, p, offset))
+            if assign:
+                self.consumer.assign(assign)
+        except Exception:
+            self.consumer.close()
+            raise
+
+    def _partitions(self, topic: str, timeout_s: float) -> set[int] | str:
+        """The topic's partitions, or why there are none."""
+        try:
+            meta = self.consumer.list_topics(topic, timeout=timeout_s)
+        except KafkaException as exc:
+            return f"cannot read metadata of topic {topic}: {exc}"
+        t = meta.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            return f"topic {topic} not found"
+        return set(t.partitions)
+
+    def _open(self) -> set[tuple[str, int]]:
+        return {tp for tp, st in self.state.items() if st.end is None and st.problem is None}
+
+    def messages(self, batch: int = 500, should_stop: Callable[[], bool] = lambda: False) -> Iterator[list[Message]]:
+        """Batches of records until every partition reached its end or has a problem (or `should_stop`)."""
+        last = time.monotonic()
+        while self._open() and not should_stop():
+            got = self.consumer.consume(batch, self.poll_s)
+            out: list[Message] = []
+            for msg in got:
+                tp = (msg.topic() or "", msg.partition())
+                err = msg.error()
+                if err is None:
+                    st = self.state.get(tp)
+                    if st is None or st.end is not None or st.problem is not None:
+                        continue  # past the end seen first (live traffic), or a partition given up
+                    if st.restarted and st.first is None:
+                        st.first = msg.offset()
+                    out.append(msg)
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                for each in self._affected(tp):
+                    self._error(each, err, msg.offset())
+            if got:
+                last = time.monotonic()
+            elif time.monotonic() - last >= self.idle_timeout_s:
+                for tp in self._open():
+                    self.state[tp].problem = (
+                        f"partition {tp[1]} of topic {tp[0]}: no end of partition reported within "
+                        f"{self.idle_timeout_s:g}s (offset out of range?)"
+                    )
+                return
+            if out:
+                yield out
+
+    def _affected(self, tp: tuple[str, int | None]) -> list[tuple[str, int]]:
+        """The partitions an error event is about: one, or every open one of its topic (topic-level errors)."""
+        if tp[1] is not None and tp[1] >= 0:
+            return [(tp[0], tp[1])] if (tp[0], tp[1]) in self.state else []
+        return [t for t in self._open() if t[0] == tp[0] or not tp[0]]
+
+    def _error(self, tp: tuple[str, int], err: KafkaError, offset: int | None) -> None:
+        st = self.state[tp]
+        if st.end is not None or st.problem is not None:
+            return
+        code = err.code()
+        where = f"partition {tp[1]} of topic {tp[0]}"
+        if code == KafkaError._PARTITION_EOF:
+            if offset is None or offset < 0:
+                st.problem = f"{where}: end of partition without an offset"
+            else:
+                st.end = offset
+                if st.restarted and st.first is None:
+                    st.first = offset  # every record was deleted: the log starts at its end
+            self._stop(tp)
+        elif code in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+            if st.restarted:
+                st.problem = f"{where}: offset out of range"
+                self._stop(tp)
+                return
+            st.restarted = True
+            try:
+                self.consumer.seek(KTP(tp[0], tp[1], OFFSET_BEGINNING))
+            except KafkaException as exc:
+                st.problem = f"{where}: start offset gone and cannot rewind ({exc})"
+                self._stop(tp)
+        elif code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
+            st.problem = f"{where} not found"
+            self._stop(tp)
+        # anything else (transport trouble, a leader moving) is transient: librdkafka retries; the idle timeout
+        # stops a partition that never gets anywhere
+
+    def _stop(self, tp: tuple[str, int]) -> None:
+        with suppress(KafkaException):  # a partition that just went away
+            self.consumer.pause([KTP(tp[0], tp[1])])
 
     def close(self) -> None:
         self.consumer.close()

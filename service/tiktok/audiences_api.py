@@ -1,4 +1,4 @@
-"""Typed wrappers over `TikTokClient` for the audience lifecycle reads and writes (reference §1.1 to 1.3).
+"""Typed wrappers over `TikTokClient` for the audience lifecycle reads and writes (docs/tiktok-api.md §1.1 to 1.3).
 
 Operator tools (`audiences`, `doctor`) need parsed answers, not envelopes: each call returns dataclasses or
 raises `TikTokApiError`, which carries TikTok's code, message and request_id so one line can name all three.

@@ -1,4 +1,4 @@
-"""The exact `POST /segment/mapping/` body (reference/tiktok-api.md §1.4).
+"""The exact `POST /segment/mapping/` body (docs/tiktok-api.md §1.4).
 
 Rows align by position with `id_schema`; a user without an identifier of a column gets `{}` there.
 

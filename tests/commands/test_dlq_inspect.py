@@ -18,7 +18,7 @@ from confluent_kafka import Producer
 from service.commands import dlq_inspect
 from service.core.dead_letters import DeadLetter, dead_letter_headers
 from service.core.model import DlqReason
-from service.core.watermarks import RecordRef
+from service.core.types import RecordRef
 from service.devtools.broker import LocalBroker
 from service.devtools.sample import ADVERTISER_ID, SampleAudience, SampleUser, make_users, segment_event
 from tests.conftest import Topics, committed

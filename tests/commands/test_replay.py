@@ -1,5 +1,9 @@
 """`audience-sync replay` on the real broker and the sandbox over loopback: both modes, every filter, dry run,
-resume, and the ping-pong guard."""
+resume, and the ping-pong guard.
+
+Every letter's original is in the source topic at the position its `dlq.source.*` headers name, as in production:
+replay reads from there to check for newer events (tests/commands/test_replay_supersession.py covers that check).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from confluent_kafka import Producer
 
 from service.commands import replay
 from service.core.dead_letters import header_value
@@ -49,21 +54,51 @@ def run_replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dic
     return rc, (orjson.loads(out) if out else {})
 
 
-def unmapped_letters(topics: Topics, users: list[SampleUser], **kw: Any) -> list[dict[str, Any]]:
-    """Letters as the service writes them for an audience key with no mapping, spread over source partitions."""
+def produce_originals(broker: LocalBroker, topic: str, records: list[tuple[bytes, bytes, int]]) -> list[int]:
+    """Produce (key, value, partition) records to the source topic, as upstream did; the offset of each."""
+    p = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    offsets: list[int] = [-1] * len(records)
+    for i, (key, value, partition) in enumerate(records):
+
+        def done(err: Any, msg: Any, i: int = i) -> None:
+            assert err is None, err
+            offsets[i] = msg.offset()
+
+        p.produce(topic, key=key, value=value, partition=partition, on_delivery=done)
+    assert p.flush(30) == 0
+    return offsets
+
+
+def letters_with_originals(
+    broker: LocalBroker, topics: Topics, values: list[tuple[SampleUser, bytes]], partition: int | None = None, **kw: Any
+) -> list[dict[str, Any]]:
+    """Letters for these users' events, their originals produced first (to `partition`, else spread over the
+    source partitions) so that each letter's `dlq.source.*` headers name a real record."""
+    parts = [i % topics.partitions if partition is None else partition for i in range(len(values))]
+    offsets = produce_originals(
+        broker, topics.source, [(u.user_id.encode(), v, p) for (u, v), p in zip(values, parts, strict=True)]
+    )
     return [
-        letter(
-            topics,
-            event_value(u, UNMAPPED),
-            reason=DlqReason.MISSING_AUDIENCE_ID,
-            key=u.user_id.encode(),
-            partition=i % topics.partitions,
-            offset=100 + i,
-            original=[("trace", f"t-{i}".encode())],
-            **kw,
-        )
-        for i, u in enumerate(users)
+        letter(topics, v, key=u.user_id.encode(), partition=p, offset=o, **kw)
+        for (u, v), p, o in zip(values, parts, offsets, strict=True)
     ]
+
+
+def unmapped_letters(broker: LocalBroker, topics: Topics, users: list[SampleUser]) -> list[dict[str, Any]]:
+    """Letters as the service writes them for an audience key with no mapping, spread over source partitions."""
+    out = letters_with_originals(
+        broker, topics, [(u, event_value(u, UNMAPPED)) for u in users], reason=DlqReason.MISSING_AUDIENCE_ID
+    )
+    for i, rec in enumerate(out):
+        rec["headers"].insert(0, ("trace", f"t-{i}".encode()))
+    return out
+
+
+def replayed(broker: LocalBroker, topics: Topics, total: int, timeout_s: float = 30.0) -> list[Any]:
+    """The records replay republished to the source topic (they carry `replay.count`; the originals do not);
+    `total` is how many records the source topic should hold, originals included."""
+    everything = read_all(broker, topics.source, total, timeout_s)
+    return [m for m in everything if header_value(m.headers(), "replay.count") is not None]
 
 
 def expected_hashes(users: list[SampleUser]) -> dict[str, set[str]]:
@@ -87,16 +122,17 @@ def test_republish_restores_key_value_timestamp_headers_and_partition_then_commi
 ) -> None:
     operator_env(monkeypatch, broker, topics)
     users = make_users(8, random.Random(1))
-    letters = unmapped_letters(topics, users)
+    letters = unmapped_letters(broker, topics, users)
     ts = int((datetime.now(UTC) - timedelta(hours=2)).timestamp() * 1000)
     produce_letters(broker, topics.dlq, letters, timestamp=ts)
 
     rc, doc = run_replay(capsys)
     assert rc == 0, doc
     assert doc["republished"] == doc["selected"] == doc["read"] == 8
-    assert doc["failed"] == doc["skipped_filter"] == doc["skipped_max_replays"] == 0
+    assert doc["failed"] == doc["skipped_filter"] == doc["skipped_max_replays"] == doc["superseded"] == 0
+    assert doc["unverifiable"] == 0 and doc["source_records_checked"] == 4, "the originals after each first letter"
     assert doc["to_topics"] == {topics.source: 8}
-    out = {m.key(): m for m in read_all(broker, topics.source, 8)}
+    out = {m.key(): m for m in replayed(broker, topics, 16)}
     assert len(out) == 8
     for i, (u, sent) in enumerate(zip(users, letters, strict=True)):
         msg = out[u.user_id.encode()]
@@ -111,7 +147,7 @@ def test_republish_restores_key_value_timestamp_headers_and_partition_then_commi
 
     rc, doc = run_replay(capsys)
     assert rc == 0 and doc["read"] == 0 and doc["republished"] == 0, "a second run finds nothing new"
-    assert len(read_all(broker, topics.source, 8)) == 8, "nothing republished twice"
+    assert len(replayed(broker, topics, 16)) == 8, "nothing republished twice"
 
 
 def test_dry_run_says_what_would_happen_and_changes_nothing(
@@ -132,7 +168,7 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(
         TIKTOK_ACCESS_TOKEN="sandbox-token",
     )
     users = make_users(6, random.Random(2))
-    produce_letters(broker, topics.dlq, unmapped_letters(topics, users))
+    produce_letters(broker, topics.dlq, unmapped_letters(broker, topics, users))
 
     rc, doc = run_replay(capsys, "--dry-run")
     assert rc == 0 and doc["dry_run"] is True
@@ -144,7 +180,7 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(
         rc, doc = run_replay(capsys, "--dry-run", "--mode", mode)
         assert rc == 0 and doc["selected"] == 6
         assert doc["with_current_mappings"] == {"sync": 6}, "with the mapping added they would go through"
-    assert read_all(broker, topics.source, 0, timeout_s=1) == [], "nothing produced"
+    assert len(read_all(broker, topics.source, 6)) == 6, "nothing produced: only the originals are there"
     assert replay_offsets(broker, topics) < 0, "nothing committed"
     assert sandbox.state.requests("/segment/mapping/") == [], "nothing uploaded"
     assert len(read_all(broker, topics.dlq, 6)) == 6, "nothing dead-lettered again"
@@ -157,15 +193,20 @@ def test_each_filter_selects_its_letters_and_skipped_ones_are_committed_past(
     users = make_users(12, random.Random(3))
     t9 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
     t11 = datetime(2024, 5, 1, 11, 0, tzinfo=UTC)
+    values = [event_value(u, UNMAPPED) for u in users[:8]]
+    values += [event_value(u, MAPPED, with_ids=True) for u in users[8:10]]
+    at = produce_originals(
+        broker, topics.source, [(u.user_id.encode(), v, 0) for u, v in zip(users[:10], values, strict=True)]
+    )
     recs = [  # offsets 0-3: unmapped audience at 09h, 4-7: unmapped at 11h, 8-9: rejected (MAPPED) at 11h
-        letter(topics, event_value(u, UNMAPPED), reason=DlqReason.MISSING_AUDIENCE_ID, key=u.user_id.encode(),
+        letter(topics, values[i], reason=DlqReason.MISSING_AUDIENCE_ID, key=u.user_id.encode(), offset=at[i],
                failed_at=(t9 if i < 4 else t11) + timedelta(minutes=i))
         for i, u in enumerate(users[:8])
     ]  # fmt: skip
     recs += [
-        letter(topics, event_value(u, MAPPED, with_ids=True), reason=DlqReason.TIKTOK_REJECTED,
-               key=u.user_id.encode(), failed_at=t11 + timedelta(minutes=30))
-        for u in users[8:10]
+        letter(topics, values[i], reason=DlqReason.TIKTOK_REJECTED, key=u.user_id.encode(), offset=at[i],
+               failed_at=t11 + timedelta(minutes=30))
+        for i, u in enumerate(users[8:10], start=8)
     ]  # fmt: skip
     produce_letters(broker, topics.dlq, recs)
 
@@ -188,7 +229,7 @@ def test_each_filter_selects_its_letters_and_skipped_ones_are_committed_past(
 
     rc, doc = run_replay(capsys, "--reason", "tiktok_rejected")
     assert rc == 0 and doc["republished"] == 2 and doc["skipped_filter"] == 8
-    assert sorted(m.key() for m in read_all(broker, topics.source, 2)) == sorted(r["key"] for r in recs[8:10])
+    assert sorted(m.key() for m in replayed(broker, topics, 12)) == sorted(r["key"] for r in recs[8:10])
     assert replay_offsets(broker, topics) == 10, "filtered letters are committed past too"
 
 
@@ -197,10 +238,11 @@ def test_max_replays_guard_stops_ping_pong(
 ) -> None:
     operator_env(monkeypatch, broker, topics)
     users = make_users(3, random.Random(4))
+    at = produce_originals(broker, topics.source, [(u.user_id.encode(), event_value(u, UNMAPPED), 0) for u in users])
     recs = [
         letter(topics, event_value(u, UNMAPPED), reason=DlqReason.MISSING_AUDIENCE_ID, key=u.user_id.encode(),
-               replay_count=n)
-        for u, n in zip(users, (None, 2, 3), strict=True)
+               offset=o, replay_count=n)
+        for u, n, o in zip(users, (None, 2, 3), at, strict=True)
     ]  # fmt: skip
     produce_letters(broker, topics.dlq, recs)
     rc, doc = run_replay(capsys, "--dry-run", "--max-replays", "2")
@@ -208,7 +250,7 @@ def test_max_replays_guard_stops_ping_pong(
 
     rc, doc = run_replay(capsys)
     assert rc == 0 and (doc["republished"], doc["skipped_max_replays"]) == (2, 1)
-    counts = {m.key(): header_value(m.headers(), "replay.count") for m in read_all(broker, topics.source, 2)}
+    counts = {m.key(): header_value(m.headers(), "replay.count") for m in replayed(broker, topics, 5)}
     assert counts == {users[0].user_id.encode(): "1", users[1].user_id.encode(): "3"}
     assert replay_offsets(broker, topics) == 3, "the over-limit letter is reported once, not forever"
 
@@ -223,7 +265,7 @@ def test_interrupted_replay_resumes_where_it_stopped(
 ) -> None:
     operator_env(monkeypatch, broker, topics)
     users = make_users(10, random.Random(5))
-    produce_letters(broker, topics.dlq, unmapped_letters(topics, users))
+    produce_letters(broker, topics.dlq, unmapped_letters(broker, topics, users))
     rc, doc = run_replay(capsys, "--max-records", "4")
     assert rc == 0 and doc["republished"] == 4
     assert replay_offsets(broker, topics) == 4
@@ -231,7 +273,7 @@ def test_interrupted_replay_resumes_where_it_stopped(
     assert rc == 0 and doc["republished"] == 4
     rc, doc = run_replay(capsys)
     assert rc == 0 and doc["republished"] == 2 and doc["read"] == 2
-    keys = [m.key() for m in read_all(broker, topics.source, 10)]
+    keys = [m.key() for m in replayed(broker, topics, 20)]
     assert sorted(keys) == sorted(u.user_id.encode() for u in users), "each letter republished exactly once"
 
 
@@ -256,12 +298,11 @@ def test_process_mode_syncs_with_current_mappings_and_dead_letters_failures_agai
         DRAIN_TIMEOUT_S="15",
     )
     users = make_users(9, random.Random(6))
-    fixed = unmapped_letters(topics, users[:6])
-    broken = [
-        letter(topics, event_value(u, other), reason=DlqReason.MISSING_AUDIENCE_ID, key=u.user_id.encode(),
-               partition=2, offset=7)
-        for u in users[6:]
-    ]  # fmt: skip
+    fixed = unmapped_letters(broker, topics, users[:6])
+    broken = letters_with_originals(
+        broker, topics, [(u, event_value(u, other)) for u in users[6:]], partition=2,
+        reason=DlqReason.MISSING_AUDIENCE_ID,
+    )  # fmt: skip
     produce_letters(broker, topics.dlq, fixed + broken)
 
     rc, doc = run_replay(capsys, "--mode", "process")
@@ -330,13 +371,21 @@ def test_letter_without_source_topic_stops_its_partition_until_to_topic_is_given
     operator_env(monkeypatch, broker, topics)
     users = make_users(2, random.Random(8))
     foreign = {"key": b"k0", "value": event_value(users[0], UNMAPPED), "headers": [("dlq.reason", b"tiktok_rejected")]}
-    produce_letters(broker, topics.dlq, [foreign, *unmapped_letters(topics, users[1:])])
+    produce_letters(broker, topics.dlq, [foreign, *unmapped_letters(broker, topics, users[1:])])
+    # No source position: it cannot be checked for newer events, so by default nothing is replayed.
     rc, doc = run_replay(capsys)
+    assert rc == 1 and (doc["unverifiable"], doc["selected"], doc["republished"]) == (1, 1, 0), doc
+    assert doc["unverifiable_by_cause"] == {"no dlq.source.* headers": 1}
+    assert "--unverifiable" in doc["error"]
+    assert replay_offsets(broker, topics) < 0, "nothing committed"
+    # Replayed anyway, it still needs a target topic.
+    rc, doc = run_replay(capsys, "--unverifiable", "replay")
     assert rc == 1 and doc["failed"] == 1 and doc["republished"] == 0
     assert "--to-topic" in doc["error"]
     assert replay_offsets(broker, topics) < 0, "nothing committed past the letter that could not be sent"
-    rc, doc = run_replay(capsys, "--to-topic", topics.source)
+    rc, doc = run_replay(capsys, "--to-topic", topics.source, "--unverifiable", "replay")
     assert rc == 0 and doc["republished"] == 2 and doc["to_topics"] == {topics.source: 2}
+    assert doc["unverifiable"] == 1 and doc["unverifiable_policy"] == "replay"
     assert replay_offsets(broker, topics) == 2
 
 
@@ -352,7 +401,7 @@ def test_process_mode_resumes_after_max_records(
     token = {"TIKTOK_API_URL": sandbox.url, "TIKTOK_ACCESS_TOKEN": "sandbox-token", "BATCH_LINGER_MS": "100"}
     operator_env(monkeypatch, broker, topics, MAPPINGS_FILE=str(path), **token)
     users = make_users(8, random.Random(9))
-    produce_letters(broker, topics.dlq, unmapped_letters(topics, users))
+    produce_letters(broker, topics.dlq, unmapped_letters(broker, topics, users))
     rc, doc = run_replay(capsys, "--mode", "process", "--max-records", "3")
     assert rc == 0 and (doc["read"], doc["processed"]) == (3, 3), doc
     assert replay_offsets(broker, topics) == 3

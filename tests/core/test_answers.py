@@ -62,8 +62,9 @@ def test_transport_failure_retries() -> None:
     assert classify(None, None) is Verdict.RETRY
 
 
-def test_2xx_without_envelope_retries_because_nothing_is_known_applied() -> None:
-    assert classify(200, None) is Verdict.RETRY
+def test_2xx_without_envelope_is_not_tiktok_speaking() -> None:
+    """A proxy's 200 page: nothing is known to be applied, and nothing is known about the rows either."""
+    assert classify(200, None) is Verdict.ENDPOINT
 
 
 def test_unknown_code_is_retried_within_the_budget() -> None:
@@ -73,9 +74,20 @@ def test_unknown_code_is_retried_within_the_budget() -> None:
 
 def test_other_4xx() -> None:
     assert classify(401, None) is Verdict.AUTH
-    assert classify(403, None) is Verdict.PERMISSION
-    assert classify(400, None) is Verdict.REJECTED
+    assert classify(403, 40001) is Verdict.PERMISSION
+    assert classify(400, 40002) is Verdict.REJECTED
     assert classify(400, 40105) is Verdict.AUTH
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 405, 410])
+def test_a_page_that_is_not_tiktok_is_an_endpoint_problem_never_a_row_refusal(status: int) -> None:
+    """A wrong TIKTOK_API_URL or a gateway answers an HTML 404/400: bisecting it into N letters was defect 4."""
+    assert classify(status, None) is Verdict.ENDPOINT
+
+
+def test_object_does_not_exist_is_its_own_verdict() -> None:
+    """40007 was an unknown code, retried until every row of the advertiser was dead-lettered (defect 4)."""
+    assert classify(200, 40007) is Verdict.NOT_FOUND
 
 
 @pytest.mark.parametrize(

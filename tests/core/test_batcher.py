@@ -1,6 +1,6 @@
 from service.core.batcher import Batcher
 from service.core.model import Action, AudienceChange
-from service.core.watermarks import RecordRef, TopicPartition
+from service.core.types import RecordRef, TopicPartition
 
 ADV = "7000000000000000001"
 H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
@@ -177,3 +177,172 @@ def test_held_key_keeps_buffering_while_other_keys_flush() -> None:
     assert b.next_deadline() == 1.0
     [released] = b.ready()
     assert released.advertiser_id == ADV and len(released.rows) == 2
+
+
+# -- defect 10: a row blocked behind an in-flight change is set aside from its buffer's linger clock ------------
+
+
+def test_blocked_row_alone_does_not_keep_the_deadline_in_the_past() -> None:
+    b, clock = make(linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)  # A in flight
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))  # B: same cell, must wait for A's outcome
+    clock.t = 1.5
+    assert b.ready() == [], "B may not fly beside A"
+    assert b.next_deadline() is None, "B alone must not wake the dispatcher again and again"
+    assert b.ready(force=True) == []
+    assert b.pending_rows == 1
+    assert b.pending_for([TopicPartition("t", 0)]) == 1, "a blocked row is still pending"
+    b.release(a.rows)
+    assert b.next_deadline() == 1.0, "B is sendable again and has lingered since t=0"
+    [batch] = b.ready()
+    assert [r.ref.offset for r in batch.rows] == [1]
+    assert batch.trigger == "linger"
+    assert b.pending_rows == 0
+    assert b.next_deadline() is None
+
+
+def test_blocked_row_does_not_make_new_rows_of_its_key_leave_as_one_row_linger_batches() -> None:
+    b, clock = make(linger_s=1.0, max_rows=10)
+    b.add(ref(0), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)  # A in flight
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))  # B: blocked behind A
+    clock.t = 1.5
+    assert b.ready() == []
+    b.add(ref(2), change(Action.DELETE, ("EMAIL_SHA256", H2)))  # C: another user, same batch key
+    assert b.ready() == [], "C lingers from its own arrival (t=1.5), not from blocked B's (t=0)"
+    assert b.next_deadline() == 2.5
+    clock.t = 2.0
+    b.add(ref(3), change(Action.DELETE, ("EMAIL_SHA256", H3)))  # D: joins C's batch
+    assert b.ready() == []
+    clock.t = 2.5
+    [batch] = b.ready()
+    assert [r.ref.offset for r in batch.rows] == [2, 3], "C and D leave together; B still waits for A"
+    assert batch.trigger == "linger"
+    assert b.next_deadline() is None
+    b.release(a.rows)
+    [batch] = b.ready()
+    assert [r.ref.offset for r in batch.rows] == [1]
+
+
+def test_released_row_lingers_from_its_own_arrival_not_behind_newer_rows() -> None:
+    # The module docstring: "linger counts from the oldest row that can be sent". Once A's outcome is known,
+    # B (waiting since t=0.1) is the oldest sendable row of its buffer, even though C arrived later.
+    b, clock = make(linger_s=1.0, max_rows=10)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)
+    clock.t = 0.1
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H1)))  # B: blocked behind A
+    clock.t = 1.2
+    assert b.ready() == []  # B set aside
+    b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H2)))  # C
+    clock.t = 1.5
+    b.release(a.rows)
+    assert b.next_deadline() == 0.1 + 1.0, "B has lingered since t=0.1"
+    [batch] = b.ready()
+    assert sorted(r.ref.offset for r in batch.rows) == [1, 2]
+
+
+def test_blocked_row_can_still_be_superseded() -> None:
+    b, clock = make(linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))  # B
+    clock.t = 1.5
+    assert b.ready() == []  # B set aside
+    superseded = b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H1)))  # newer change to the same cell
+    assert [r.ref.offset for r in superseded] == [1]
+    assert b.pending_rows == 1
+    clock.t = 3.0
+    assert b.ready() == [], "the newest change waits for A too"
+    assert b.next_deadline() is None
+    b.release(a.rows)
+    [batch] = b.ready()
+    assert [r.ref.offset for r in batch.rows] == [2]
+    assert batch.action is Action.ADD
+    assert b.pending_rows == 0
+
+
+def test_blocked_rows_of_a_revoked_partition_are_dropped() -> None:
+    b, clock = make(linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    clock.t = 1.5
+    assert b.ready() == []  # set aside
+    assert b.drop_partitions([TopicPartition("t", 0)]) == 1
+    assert b.pending_rows == 0
+    assert b.pending_for([TopicPartition("t", 0)]) == 0
+    b.release(a.rows)
+    assert b.ready(force=True) == []
+    assert b.next_deadline() is None
+    assert b.inflight_cells == 0
+
+
+def test_blocked_row_whose_in_flight_cell_was_superseded_is_sendable() -> None:
+    # B is set aside for its cell X, which A carries. A newer change D takes over X, so B is left with cell Y only,
+    # which nothing in flight carries: B no longer has a reason to wait for A's outcome (a retried A may take
+    # minutes, holding B's offset uncommitted all along).
+    b, clock = make(linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [a] = b.ready(force=True)  # A carries cell X = (EMAIL, H1)
+    b.add(ref(1), change(Action.DELETE, ("EMAIL_SHA256", H1), ("PHONE_SHA256", H2)))  # B: cells X and Y
+    clock.t = 1.5
+    assert b.ready() == []  # B set aside behind A
+    assert b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H1))) == []  # D supersedes X of B only
+    batches = b.ready(force=True)
+    assert [[r.ref.offset for r in x.rows] for x in batches] == [[1]], "B (cell Y only) is free; D waits for A"
+    b.release(a.rows)
+
+
+def test_random_traffic_with_blocked_rows_never_spins_nor_reorders_a_cell() -> None:
+    """Random adds, clock ticks, cuts and releases. After every `ready()`: nothing left lingers out (the dispatcher
+    would wake in a loop), no cell is in two requests in flight, and each cell's changes leave in offset order."""
+    for seed in range(300):
+        _random_traffic(seed)
+
+
+def _random_traffic(seed: int) -> None:
+    import random
+
+    from service.core.batcher import Batch
+
+    emails = [("EMAIL_SHA256", f"{i:064x}") for i in range(2)]
+    phones = [("PHONE_SHA256", f"{i:064x}") for i in range(2)]
+    rng = random.Random(seed)
+    b, clock = make(linger_s=1.0, max_rows=rng.choice([1, 2, 3, 10]))
+    inflight: list[Batch] = []
+    last_sent: dict[object, int] = {}
+
+    def cut(force: bool = False) -> int:
+        batches = b.ready(force=force)
+        for batch in batches:
+            busy = {ck for x in inflight for r in x.rows for ck in r.cell_keys()}
+            for r in batch.rows:
+                for ck in r.cell_keys():
+                    assert ck not in busy, f"seed {seed}: a cell is in two requests in flight"
+                    assert last_sent.get(ck, -1) < r.ref.offset, f"seed {seed}: {ck} sent out of order"
+                    last_sent[ck] = r.ref.offset
+            inflight.append(batch)
+        if not force:
+            deadline = b.next_deadline()
+            assert deadline is None or deadline > clock.t, f"seed {seed}: deadline {deadline} at {clock.t}"
+        return len(batches)
+
+    for offset in range(60):
+        op = rng.random()
+        if op < 0.45:
+            ids = rng.choice([[rng.choice(emails)], [rng.choice(phones)], [rng.choice(emails), rng.choice(phones)]])
+            action = rng.choice([Action.ADD, Action.DELETE])
+            b.add(ref(offset), change(action, *ids, aud=rng.choice(["111", "222"])))
+        elif op < 0.65:
+            clock.t += rng.choice([0.125, 0.5, 1.0, 2.5])  # binary fractions: exact sums
+        elif op < 0.85:
+            cut()
+        elif inflight:
+            b.release(inflight.pop(rng.randrange(len(inflight))).rows)
+    while cut(force=True) or inflight:  # outcomes for everything in flight; what they blocked follows
+        while inflight:
+            b.release(inflight.pop().rows)
+    assert b.pending_rows == 0, f"seed {seed}: rows stranded"
+    assert b.inflight_cells == 0

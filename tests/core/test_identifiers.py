@@ -1,4 +1,4 @@
-"""Normalisation and hashing, with the vectors from reference/tiktok-api.md §1.7."""
+"""Normalisation and hashing, with the vectors from docs/tiktok-api.md §1.7."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def sha(text: str) -> str:
         ("\tTESTING@testing.com\n", TESTING_EMAIL),
         ("janedoe@gmail.com", JANEDOE),
         ("scroogemcduck@disney.com", "77bc071241f37b4736df28c0c1cb0a99163d1050696134325b99246b2183d408"),
-        # No +tag / dot stripping: trim + lowercase only (reference §6.3).
+        # No +tag / dot stripping: trim + lowercase only (docs/tiktok-api.md §6.3).
         ("Test.User+tag@Testing.com", sha("test.user+tag@testing.com")),
     ],
 )

@@ -1,4 +1,4 @@
-"""The mappings file: the DESIGN.md example loads; every mistake names the file, key and field."""
+"""The mappings file: the docs/design.md example loads; every mistake names the file, key and field."""
 
 from __future__ import annotations
 

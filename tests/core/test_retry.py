@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from service.core.retry import Backoff, TokenBucket
 
 
@@ -53,7 +55,7 @@ def test_bucket_wait_hint() -> None:
 
 def test_aimd_halves_then_recovers() -> None:
     clock = Clock()
-    bucket = TokenBucket(40.0, clock=clock, recover_per_s=2.0)
+    bucket = TokenBucket(40.0, clock=clock, recover_per_s=2.0, throttle_window_s=0.0)
     bucket.throttled()
     assert bucket.rate == 20.0
     bucket.throttled()
@@ -67,7 +69,21 @@ def test_aimd_halves_then_recovers() -> None:
 
 
 def test_aimd_floor() -> None:
-    bucket = TokenBucket(1.0, clock=Clock(), min_rate=0.5)
+    clock = Clock()
+    bucket = TokenBucket(1.0, clock=clock, min_rate=0.5)
     for _ in range(10):
         bucket.throttled()
+        clock.t += 1.0
     assert bucket.rate == 0.5
+
+
+def test_concurrent_rate_limited_answers_halve_the_rate_once() -> None:
+    """Four requests in flight hit the limit together: one signal. Failed before the fix: 40 → 2.5 (1/16)."""
+    clock = Clock()
+    bucket = TokenBucket(40.0, clock=clock, recover_per_s=0.0001)
+    cuts = [bucket.throttled() for _ in range(4)]
+    assert cuts == [True, False, False, False]
+    assert bucket.rate == 20.0
+    clock.t += 1.0
+    assert bucket.throttled(), "a limit hit again a window later is a new signal"
+    assert bucket.rate == pytest.approx(10.0, abs=0.001)

@@ -91,7 +91,8 @@ def read_topic(
     """Every record of `topic` from the beginning, by direct assignment (no group join, nothing committed).
 
     Stops once `expect` records arrived and nothing more came for `idle_s` (duplicates would show up), or at
-    the deadline. The high watermark is not used: tansu's ListOffsets(latest) can be short (DESIGN.md).
+    the deadline. The high watermark is not used: tansu's ListOffsets(latest) can be short
+    (docs/design.md "A real broker for tests and `make run`").
     """
     c = Consumer(
         {

@@ -90,9 +90,26 @@ TRANSIENT = {
     "slow": ([{"kind": "slow", "delay_s": 2.5, "count": 2}], {"TIKTOK_TIMEOUT_S": "1"}, "timeout", "slow", 2),
     "timeout": ([{"kind": "timeout", "count": 2}], {"TIKTOK_TIMEOUT_S": "1"}, "timeout", "timeout", 2),
     "reset": ([{"kind": "reset", "count": 3}], {}, "connection", "reset", 3),
-    # a proxy's HTML page with a 2xx status: nothing is known to be applied, so it must not count as success
-    "html_200": ([{"kind": "http", "status": 200, "html": True, "count": 2}], {}, "http_other", "http", 2),
 }
+
+# Pages that are not TikTok's API (a proxy's 200 page, a wrong URL's 404): the upload gate closes, nothing is
+# dead-lettered, and a probe reopens it (before: a 200 page was retried, a 404 page bisected into N letters).
+NOT_TIKTOK = {"html_200": 200, "html_404": 404, "html_400": 400}
+
+
+@pytest.mark.parametrize("name", list(NOT_TIKTOK))
+def test_a_page_that_is_not_tiktok_pauses_uploads_and_dead_letters_nothing(
+    name: str, broker: Any, topics: Topics, service_env: Env, services: Start
+) -> None:
+    events = unique_events(40, AUD_A, name)
+    with sandbox() as sb:
+        sb.set_faults(plan({"kind": "http", "status": NOT_TIKTOK[name], "html": True, "count": 3}))
+        send(broker, topics, events)
+        svc = services(service_env(sb.url, **FAST, BATCH_MAX_ROWS="10"))
+        wait_until(lambda: membership(sb) == expected_membership(events), 60, f"upload after {name} pages")
+        wait_until(lambda: sb.state.snapshot()["faults"].get("http") == 3, 10, "3 pages served")
+        assert svc.metric(DEAD) == 0
+        assert svc.stop() == 0
 
 
 @pytest.mark.parametrize("name", list(TRANSIENT))

@@ -9,7 +9,8 @@ own partitions from offset 0 and the dead replica's partitions from the offset t
 died (C). Hence, exactly: sum of the survivors' consumed = all records - sum of C over the dead replica's
 partitions. Each consumed record reaches one outcome (uploaded, superseded, dead-lettered or skipped), and at the
 end the group's committed offsets are the partitions' ends. Partition ends come from the producer's delivery
-reports, never from ListOffsets (tansu's ListOffsets(latest) is wrong for multi-record batches, see DESIGN.md).
+reports, never from ListOffsets (tansu's ListOffsets(latest) is wrong for multi-record batches,
+see docs/design.md "A real broker for tests and `make run`").
 """
 
 from __future__ import annotations

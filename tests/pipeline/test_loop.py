@@ -14,6 +14,7 @@ from service.core.mappings import Mappings
 from service.core.membership import Resolver, ResolverSettings
 from service.core.retry import Backoff
 from service.core.schemas import SchemaStore
+from service.core.types import TopicPartition
 from service.devtools.sample import SampleEvent
 from service.pipeline.loop import Pipeline, PipelineOptions, brokers_up
 from tests.integration.helpers_failures import AUD_A, unique_events
@@ -115,6 +116,8 @@ class Uploader:
 
 
 class Dlq:
+    max_message_bytes = 1_000_000
+
     def __init__(self) -> None:
         self.letters: list[tuple[bytes | None, dict[str, bytes]]] = []
 
@@ -128,11 +131,12 @@ async def run_batch(uploader: Uploader, n: int, max_rows: int = 1000) -> tuple[P
     events = unique_events(n, AUD_A, "user")
     dlq = Dlq()
     p = pipeline(uploader=uploader, dlq=dlq, max_rows=max_rows)
-    await p._process([Msg(i, e.key, e.value) for i, e in enumerate(events)])  # type: ignore[arg-type]
-    p._draining = True  # flush every buffer now
-    p._dispatch()
-    while p._tasks:
-        await asyncio.gather(*list(p._tasks))
+    p.ledger.assign([TopicPartition("src", 0)])
+    await p.intake.process([Msg(i, e.key, e.value) for i, e in enumerate(events)])  # type: ignore[list-item]
+    p.uploads.force = 1  # flush every buffer now
+    p.uploads.dispatch()
+    while p._tasks or p.uploads._tasks:
+        await asyncio.gather(*list(p._tasks), *list(p.uploads._tasks))
     return p, dlq, events
 
 
@@ -150,7 +154,7 @@ async def test_a_refused_batch_is_bisected_down_to_the_offending_rows() -> None:
     assert uploader.accepted == {email_hash(e) for e in events} - bad, "every other row uploaded"
     # 3 bad rows among 64: at most 2 requests per level per bad row, over log2(64) = 6 levels, plus the first.
     assert len(uploader.requests) <= 1 + 2 * 3 * 6, uploader.requests
-    assert p.watermarks.pending() == 0, "every record reached a final outcome"
+    assert p.ledger.pending() == 0, "every record reached a final outcome"
 
 
 async def test_batch_too_large_is_split_and_nothing_is_dead_lettered() -> None:
@@ -159,13 +163,13 @@ async def test_batch_too_large_is_split_and_nothing_is_dead_lettered() -> None:
     assert dlq.letters == []
     assert uploader.accepted == {email_hash(e) for e in events}
     assert max(n for n in uploader.requests[-4:]) <= 10
-    assert p.watermarks.pending() == 0
+    assert p.ledger.pending() == 0
 
 
 async def test_a_single_refused_row_is_dead_lettered_once() -> None:
     events = unique_events(1, AUD_A, "user")
     uploader = Uploader({email_hash(events[0])}, 40011)
     p, dlq, _ = await run_batch(uploader, 1)
-    assert p.watermarks.pending() == 0
+    assert p.ledger.pending() == 0
     assert [k for k, _ in dlq.letters] == [events[0].key]
     assert uploader.requests == [1], "one row refused: no bisection, no retry"

@@ -2,7 +2,7 @@ import orjson
 
 from service.core.batcher import Batcher
 from service.core.model import Action, AudienceChange
-from service.core.watermarks import RecordRef
+from service.core.types import RecordRef
 from service.tiktok.payloads import mapping_body
 
 EMAIL = "584c4423c421df49955759498a71495aba49b8780eb9387dff333b6f0982c777"  # sha256("testing@testing.com")

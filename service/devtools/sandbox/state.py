@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
-# TikTok return codes the sandbox answers (reference §4.2, official SDK table).
+# TikTok return codes the sandbox answers (docs/tiktok-api.md §4.2, official SDK table).
 OK: Final = 0
 PERMISSION_ERROR: Final = 40001
 PARAM_ERROR: Final = 40002

@@ -1,4 +1,4 @@
-"""The reference's addToAudience fixture (§1.4), shared by the sandbox tests."""
+"""TikTok's addToAudience example (docs/tiktok-api.md §1.4), shared by the sandbox tests."""
 
 from typing import Any
 

@@ -1,0 +1,324 @@
+"""Upload scheduling: buffered rows become requests, and every request ends in a final outcome per row.
+
+Decisions come from the pure policy (`service.core.upload_policy.decide`); this class only carries them out:
+it cuts batches when the batcher says they are ready, spends the token bucket and the in-flight slots, sends,
+and re-queues halves, per-audience parts and retries.
+
+Invariants (tests/pipeline/test_uploads.py and the model-based suite):
+- a row is sent only while its record is live, checked immediately before each request starts with no await
+  in between: after a revoke returns, no request carries rows of the revoked partitions;
+- every row of every batch ends exactly once: uploaded, dead-lettered, or dropped because its record stopped
+  being live (its partition will be re-consumed); an unexpected exception ends in dead letters
+  (`retries_exhausted`), never in a stranded batch whose cells stay "in flight" forever;
+- at most `max_inflight` requests are open at once, at the token bucket's rate;
+- while a batch key backs off, its buffer is held (no new requests to the failing advertiser); other keys flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from service import metrics as m
+from service.core.answers import Answer, Verdict
+from service.core.batcher import Batch, Batcher, BatchKey, Row, SplitBudget
+from service.core.dead_letters import DeadLetter
+from service.core.model import DlqReason
+from service.core.retry import Backoff, TokenBucket
+from service.core.upload_policy import (
+    BatchFacts,
+    Done,
+    RetryAfter,
+    Split,
+    SplitByAudience,
+    WaitForGate,
+    bisection_budget,
+    decide,
+)
+from service.core.upload_policy import (
+    DeadLetter as DeadLetterDecision,
+)
+from service.pipeline.gate import UploadGate
+from service.tiktok.payloads import mapping_body
+
+log = logging.getLogger(__name__)
+
+
+class Uploader(Protocol):
+    async def post_mapping(self, body: bytes) -> Answer: ...
+
+
+class Outcomes(Protocol):
+    """What the scheduler reports back: the loop's ledger, metrics and dead-letter writer."""
+
+    def is_live(self, row: Row) -> bool: ...
+
+    def uploaded(self, rows: list[Row]) -> None: ...
+
+    def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]: ...
+
+
+class UploadScheduler:
+    def __init__(
+        self,
+        *,
+        batcher: Batcher,
+        uploader: Uploader,
+        outcomes: Outcomes,
+        gate: UploadGate,
+        backoff: Backoff,
+        bucket: TokenBucket,
+        max_inflight: int,
+        recently_created: Callable[[Batch], bool],
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.batcher = batcher
+        self.uploader = uploader
+        self.outcomes = outcomes
+        self.gate = gate
+        self.backoff = backoff
+        self.bucket = bucket
+        self.max_inflight = max_inflight
+        self._recently_created = recently_created
+        self._clock = clock
+        self._sleep = sleep
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._sending = 0  # batches between cut and answer, not sleeping
+        self._backing_off: dict[BatchKey, int] = {}  # batch key → its batches sleeping before a retry
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self.force = 0  # > 0 while a drain or revoke wants everything flushed now
+        m.RATE_LIMIT_QPS.set(bucket.rate)
+
+    # -- dispatch -------------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The dispatcher: sleep until a buffer lingers out or something changed, then cut what is ready."""
+        while True:
+            deadline = self.batcher.next_deadline(self._backing_off)
+            timeout = None if deadline is None else max(0.0, deadline - self._clock()) + 0.001
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        if not self.gate.is_open:
+            return
+        free = self.max_inflight - self._sending
+        if free <= 0:
+            return
+        for batch in self.batcher.ready(limit=free, force=self.force > 0, hold=self._backing_off):
+            m.BATCHES_SENT.labels(batch.action.value, batch.trigger).inc()
+            m.ROWS_SENT.labels(batch.action.value).inc(len(batch.rows))
+            m.BATCH_ROWS.observe(len(batch.rows))
+            self._sending += 1
+            self.spawn(self._send(batch, counted=True))
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upload task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def backing_off(self) -> int:
+        return len(self._backing_off)
+
+    # -- one batch to its outcome ---------------------------------------------------------------------------
+
+    async def _send(self, batch: Batch, *, counted: bool = False) -> None:
+        first_failure: float | None = None
+        attempt = 0
+        try:
+            while True:
+                if not counted:
+                    self._sending += 1
+                    counted = True
+                answer = await self._post(batch)
+                self._sending -= 1
+                counted = False
+                self._wake.set()
+                if answer is None:
+                    return  # nothing of it is live any more: its partitions were revoked
+                if answer.verdict is Verdict.SUCCESS:  # the hot path: no facts to gather
+                    self.gate.open()
+                    self._uploaded(batch)
+                    return
+                if answer.verdict not in (Verdict.AUTH, Verdict.ENDPOINT) and answer.code is not None:
+                    self.gate.open()  # TikTok answered as TikTok and took the token
+                retrying = answer.verdict is Verdict.RETRY
+                now = self._clock()
+                if retrying and first_failure is None:
+                    first_failure = now
+                facts = BatchFacts(
+                    rows=len(batch.rows),
+                    audiences=len({r.change.audience_id for r in batch.rows}),
+                    attempt=attempt + 1,
+                    first_failure_at=first_failure if first_failure is not None else now,
+                    now=now,
+                    recently_created=self._recently_created(batch),
+                    bisection_left=batch.budget.left if batch.budget is not None else bisection_budget(len(batch.rows)),
+                )
+                d = decide(answer, facts, self.backoff)
+                if isinstance(d, Done):
+                    self._uploaded(batch)
+                    return
+                if isinstance(d, WaitForGate):
+                    self.gate.close(d.gate, answer)
+                    first_failure, attempt = None, 0  # waiting for the gate spends no retry budget
+                    await self.gate.wait_turn()
+                    continue
+                if isinstance(d, SplitByAudience):
+                    self._resend(batch, _by_audience(batch.rows), new_budget=True)
+                    return
+                if isinstance(d, Split):
+                    half = len(batch.rows) // 2
+                    if answer.verdict is not Verdict.SPLIT:
+                        budget = batch.budget or SplitBudget(bisection_budget(len(batch.rows)))
+                        budget.left -= 2
+                        batch.budget = budget
+                    self._resend(batch, [batch.rows[:half], batch.rows[half:]], new_budget=False)
+                    return
+                if isinstance(d, DeadLetterDecision):
+                    await self._dead_letter_rows(batch, d, answer)
+                    return
+                assert isinstance(d, RetryAfter)
+                attempt += 1
+                if d.rate_limited:
+                    self.bucket.throttled()
+                    m.RATE_LIMIT_QPS.set(self.bucket.rate)
+                m.RETRIES.labels(_retry_cause(answer)).inc()
+                await self._back_off(batch.key, d.delay_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a defect of ours must not strand the batch and its in-flight cells
+            log.exception("upload of batch %d failed unexpectedly; dead-lettering its rows", batch.id)
+            failure = Answer(Verdict.RETRY, None, None, f"internal: {type(exc).__name__}")
+            await self._dead_letter_rows(batch, DeadLetterDecision(DlqReason.RETRIES_EXHAUSTED), failure)
+        finally:
+            if counted:
+                self._sending -= 1
+                self._wake.set()
+
+    def _resend(self, batch: Batch, parts: list[list[Row]], *, new_budget: bool) -> None:
+        for part in parts:
+            if part:
+                budget = SplitBudget(bisection_budget(len(part))) if new_budget else batch.budget
+                self.spawn(self._send(Batch(batch.id, batch.key, part, "split", batch.attempts, budget)))
+
+    async def _back_off(self, key: BatchKey, delay: float) -> None:
+        """The key holds its buffer meanwhile; consumption goes on until the tracked-records bound pauses it."""
+        held = self._backing_off
+        held[key] = held.get(key, 0) + 1
+        m.BATCH_KEYS_BACKING_OFF.set(len(held))
+        try:
+            await self._sleep(delay)
+        finally:
+            if held[key] > 1:
+                held[key] -= 1
+            else:
+                del held[key]
+            m.BATCH_KEYS_BACKING_OFF.set(len(held))
+            self._wake.set()
+
+    def _drop_dead_rows(self, batch: Batch) -> None:
+        is_live = self.outcomes.is_live
+        live = [r for r in batch.rows if is_live(r)]
+        if len(live) != len(batch.rows):
+            self.batcher.release([r for r in batch.rows if not is_live(r)])
+            batch.rows = live
+
+    async def _post(self, batch: Batch) -> Answer | None:
+        """Send once; None when no row is live at the moment the request would start."""
+        while (wait := self.bucket.acquire()) > 0:
+            m.RATE_LIMIT_WAIT.inc(wait)
+            await self._sleep(wait)
+        m.RATE_LIMIT_QPS.set(self.bucket.rate)  # it recovers additively after a rate-limit answer
+        async with self._slots:
+            # The revocation fence: from this check to the request's start there is no await.
+            self._drop_dead_rows(batch)
+            if not batch.rows:
+                return None
+            body = mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows)
+            batch.attempts += 1
+            m.INFLIGHT.inc()
+            t0 = time.perf_counter()
+            try:
+                answer = await self.uploader.post_mapping(body)
+            finally:
+                m.INFLIGHT.dec()
+        m.UPLOAD_DURATION.labels(answer.status_class).observe(time.perf_counter() - t0)
+        m.TIKTOK_ANSWERS.labels(answer.status_class, answer.verdict.value, answer.code_label).inc()
+        if answer.code == 20001:
+            log.info("TikTok answered PARTIAL_OK (request_id=%s)", answer.request_id)
+        return answer
+
+    def _uploaded(self, batch: Batch) -> None:
+        self.batcher.release(batch.rows)
+        self.outcomes.uploaded(batch.rows)
+
+    async def _dead_letter_rows(self, batch: Batch, d: DeadLetterDecision, answer: Answer) -> None:
+        error = _answer_error(d.reason, answer, d.note)
+        try:
+            await asyncio.gather(
+                *[
+                    self.outcomes.dead_letter(
+                        row.source, DeadLetter(d.reason, error, batch.attempts, answer.code, answer.request_id)
+                    )
+                    for row in batch.rows
+                    if self.outcomes.is_live(row)
+                ]
+            )
+        finally:
+            self.batcher.release(batch.rows)
+            self._wake.set()
+
+
+def _by_audience(rows: list[Row]) -> list[list[Row]]:
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.change.audience_id, []).append(r)
+    return list(groups.values())
+
+
+def _retry_cause(answer: Answer) -> str:
+    if answer.rate_limited:
+        return "rate_limited"
+    if answer.http_status is None:
+        return answer.status_class
+    if answer.http_status >= 500:
+        return "http_5xx"
+    return "tiktok_code" if answer.code is not None else "http_other"
+
+
+def _answer_error(reason: DlqReason, answer: Answer, note: str = "") -> str:
+    where = f"HTTP {answer.http_status}" if answer.http_status is not None else answer.status_class
+    code = f", code {answer.code}" if answer.code is not None else ""
+    what = {
+        DlqReason.TIKTOK_REJECTED: "TikTok refused this row",
+        DlqReason.TIKTOK_PERMISSION: "TikTok denied access to the advertiser or audience",
+        DlqReason.RETRIES_EXHAUSTED: "retry budget spent without a successful upload",
+        DlqReason.MISSING_AUDIENCE_ID: "TikTok says the audience does not exist (deleted, or a wrong id in the "
+        "mappings file)",
+    }.get(reason, "upload failed")
+    if note and reason is not DlqReason.MISSING_AUDIENCE_ID:
+        what = f"{what}; {note}"
+    return f"{what} ({where}{code}: {answer.message or 'no message'})"

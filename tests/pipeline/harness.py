@@ -1,0 +1,210 @@
+"""In-process stand-ins for the pipeline's outside world: TikTok (membership per cell, scripted answers, the
+revocation fence), the dead-letter producer (into the in-memory broker) and audience creation on demand.
+
+Shared by the model-based suite (test_model.py) and the defect scenarios (test_defects.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from service.core.answers import Answer, Verdict, classify
+from service.core.mappings import AudienceMapping, Mappings
+from service.core.model import DlqReason
+from service.core.types import TopicPartition
+from service.kafka.memory import InMemoryBroker
+from service.kafka.producer import DeliveryError
+from service.pipeline.audience_creation import CreationFailed
+
+SRC, DLQ, GROUP, PARTITIONS = "src", "dlq", "g", 3
+ADV_A, ADV_B = "7000000000000000001", "7000000000000000002"
+USERS = [f"u{i}" for i in range(6)]
+BAD_USER = "u5"  # refused by TikTok while the `refuse_user` rule is on
+# audience key → (advertiser, audience id); "late" is mapped by a reload, "made" is created on demand.
+MAPPED = {"a1": (ADV_A, "101"), "a2": (ADV_A, "102"), "b1": (ADV_B, "201")}
+LATE = ("late", ADV_B, "202")
+MADE = ("made", ADV_A, "301")
+KEYS = [*MAPPED, LATE[0], MADE[0]]
+MODES = ["ok", "5xx", "rate", "auth", "html", "timeout", "deleted_102", "refuse_user", "too_many", "permission_b"]
+MAX_PENDING, CONSUME_BATCH = 30, 8
+
+
+def email(user: str) -> str:
+    return f"{user}@example.com"
+
+
+def email_hash(user: str) -> str:
+    return hashlib.sha256(email(user).encode()).hexdigest()
+
+
+HASH_USER = {email_hash(u): u for u in USERS}
+
+
+def partition_of(user: str) -> int:
+    return zlib.crc32(user.encode()) % PARTITIONS
+
+
+def event(user: str, key: str, entered: bool, seq: int) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "track",
+            "event": "Audience Entered" if entered else "Audience Exited",
+            "userId": user,
+            "messageId": f"m{seq}",
+            "timestamp": "2026-11-30T12:00:00.000Z",
+            "context": {
+                "personas": {"computation_class": "audience", "computation_key": key},
+                "traits": {"email": email(user)},
+            },
+            "properties": {"audience_key": key, key: entered},
+        }
+    )
+
+
+def mappings(*, late: bool) -> Mappings:
+    entries = {k: AudienceMapping(k, adv, aud) for k, (adv, aud) in MAPPED.items()}
+    entries[MADE[0]] = AudienceMapping(MADE[0], MADE[1], None, "made audience", True)
+    if late:
+        entries[LATE[0]] = AudienceMapping(LATE[0], LATE[1], LATE[2])
+    return Mappings(entries)
+
+
+class TikTok:
+    """Membership per (audience id, hash); answers by `mode`; checks the revocation fence at each request."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.cells: dict[tuple[str, str], bool] = {}
+        self.requests = 0
+        self.fence_violations: list[str] = []
+        self.assigned: Any = lambda: set()  # unused by the fence: kept for callers that read it
+        # Partitions whose on_revoke/on_lost returned and that were not assigned again since: the fence.
+        self.fenced: set[TopicPartition] = set()
+        self.history: list[str] = []
+        self.current: Any = None
+
+    async def post_mapping(self, body: bytes) -> Answer:
+        self.requests += 1
+        doc = orjson.loads(body)
+        cells = [(aud, c["id"]) for row in doc["batch_data"] for c in row if c for aud in c["audience_ids"]]
+        for _, h in cells:
+            tp = TopicPartition(SRC, partition_of(HASH_USER[h]))
+            if tp in self.fenced:
+                self.fence_violations.append(f"request with a user of revoked {tp}; history {self.history[-8:]}")
+        answer = self._answer(doc, cells)
+        await asyncio.sleep(0)
+        if answer.verdict is Verdict.SUCCESS:
+            for aud, h in cells:
+                self.cells[(aud, h)] = doc["action"] == "add"
+        return answer
+
+    def hooks(self, p: Any) -> dict[str, Any]:
+        """The pipeline's rebalance hooks, wrapped to keep `fenced` (what the pipeline has been told).
+
+        Only the newest pipeline counts: a crashed one's hook finishing late says nothing about the new owner.
+        """
+        self.current = p
+        self.fenced.clear()
+
+        async def on_assign(tps: list[TopicPartition]) -> list[TopicPartition]:
+            if self.current is p:
+                self.fenced.difference_update(tps)
+            self.history.append(f"assign {[t.partition for t in tps]} to {id(p):x}")
+            paused: list[TopicPartition] = await p.on_assign(tps)
+            return paused
+
+        async def on_revoke(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            offsets: dict[TopicPartition, int] = await p.on_revoke(tps)
+            if self.current is p:
+                self.fenced.update(tps)
+            self.history.append(f"revoked {[t.partition for t in tps]} from {id(p):x}")
+            return offsets
+
+        async def on_lost(tps: list[TopicPartition]) -> None:
+            await p.on_lost(tps)
+            if self.current is p:
+                self.fenced.update(tps)
+            self.history.append(f"lost {[t.partition for t in tps]} from {id(p):x}")
+
+        return {"on_assign": on_assign, "on_revoke": on_revoke, "on_lost": on_lost}
+
+    def _answer(self, doc: dict[str, Any], cells: list[tuple[str, str]]) -> Answer:
+        mode = self.mode
+        if mode == "5xx":
+            return Answer(classify(503, None), 503, None, "unavailable")
+        if mode == "rate":
+            return Answer(classify(200, 40100), 200, 40100, "too frequent")
+        if mode == "auth":
+            return Answer(classify(200, 40105), 200, 40105, "token")
+        if mode == "html":
+            return Answer(classify(404, None), 404, None, "HTTP 404, body is not TikTok's envelope")
+        if mode == "timeout":
+            return Answer(Verdict.RETRY, None, None, "timeout: no answer in time")
+        if mode == "deleted_102" and any(aud == "102" for aud, _ in cells):
+            return Answer(classify(200, 40007), 200, 40007, "object does not exist")
+        if mode == "refuse_user" and any(HASH_USER[h] == BAD_USER for _, h in cells):
+            return Answer(classify(200, 40002), 200, 40002, "invalid")
+        if mode == "too_many" and len(doc["batch_data"]) > 2:
+            return Answer(classify(200, 40061), 200, 40061, "too many")
+        if mode == "permission_b" and doc["advertiser_ids"] == [ADV_B]:
+            return Answer(classify(200, 40001), 200, 40001, "no permission")
+        return Answer(Verdict.SUCCESS, 200, 0, "OK", "req")
+
+
+class Dlq:
+    """The dead-letter producer, writing into the in-memory broker; `down` refuses (retriable) until lifted."""
+
+    max_message_bytes = 1_000_000
+
+    def __init__(self, broker: InMemoryBroker) -> None:
+        self.broker = broker
+        self.down = False
+
+    async def send(
+        self, topic: str, *, key: bytes | None, value: bytes | None, headers: Any = None, timestamp_ms: Any = None
+    ) -> None:
+        await asyncio.sleep(0)
+        if self.down:
+            raise DeliveryError("broker down", retriable=True)
+        self.broker.produce(topic, value, key, partition=0, headers=headers, timestamp_ms=timestamp_ms)
+
+
+@dataclass
+class FakeStore:
+    created: dict[str, float] = field(default_factory=dict)
+
+    def created_at(self, audience_id: str) -> float | None:
+        return self.created.get(audience_id)
+
+
+class Creator:
+    """Audience creation that finishes when the test says: with the id, or with a failure."""
+
+    def __init__(self) -> None:
+        self.store = FakeStore()
+        self.outcome: asyncio.Future[str | CreationFailed] | None = None
+        self.calls = 0
+        self.healthy = False  # at quiescence: every call succeeds at once
+
+    async def ensure(self, ref: tuple[str, str]) -> str | CreationFailed:
+        self.calls += 1
+        if self.healthy:
+            self.store.created[MADE[2]] = 0.0
+            return MADE[2]
+        if self.outcome is None or self.outcome.done():
+            self.outcome = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self.outcome)
+
+    def finish(self, ok: bool) -> None:
+        if self.outcome is not None and not self.outcome.done():
+            if ok:
+                self.store.created[MADE[2]] = 0.0
+                self.outcome.set_result(MADE[2])
+            else:
+                self.outcome.set_result(CreationFailed(DlqReason.RETRIES_EXHAUSTED, "creating: gave up"))

@@ -1,0 +1,322 @@
+"""Model-based tests of the whole pipeline: random interleavings of records, TikTok answers, rebalances, audience
+creation, guard trips, mapping reloads, dead-letter outages and crashes, on the in-memory broker.
+
+The real `Pipeline` (every collaborator, real asyncio) runs against `InMemoryBroker`/`InMemoryConsumer` and an
+in-process TikTok that keeps membership per (audience, hash) cell and answers as the current rule says. After
+every step the invariants the loop promises are checked; at the end TikTok is made healthy, every partition
+assigned, and the run must quiesce:
+
+- after `on_revoke` returns, no request starts with a user of the revoked partition (users are keyed, so a
+  user's records all live in one partition);
+- a committed offset never passes a record the ledger still holds live;
+- tracked records never exceed the bound (`max_pending` plus one consume batch);
+- at quiescence nothing is pending, held or paused, every partition is committed to its end, and for every
+  (audience key, user) whose newest event was not dead-lettered, TikTok's cell is in that event's state.
+
+`AUDIENCE_SYNC_MODEL_EXAMPLES` raises the example count (default 20 in `make test`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from service.core.batcher import Batcher
+from service.core.dead_letters import header_value
+from service.core.dlq_guard import DlqGuard
+from service.core.membership import Resolver, ResolverSettings
+from service.core.retry import Backoff
+from service.core.schemas import SchemaStore
+from service.core.types import TopicPartition
+from service.kafka.memory import InMemoryBroker, InMemoryConsumer
+from service.pipeline.loop import Pipeline, PipelineOptions
+from tests.pipeline.harness import (
+    CONSUME_BATCH,
+    DLQ,
+    GROUP,
+    KEYS,
+    LATE,
+    MADE,
+    MAPPED,
+    MAX_PENDING,
+    MODES,
+    PARTITIONS,
+    SRC,
+    USERS,
+    Creator,
+    Dlq,
+    TikTok,
+    email_hash,
+    event,
+    mappings,
+    partition_of,
+)
+
+EXAMPLES = int(os.environ.get("AUDIENCE_SYNC_MODEL_EXAMPLES", "20"))
+
+
+class PipelineMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.broker = InMemoryBroker(clock=lambda: 1_764_500_000.0)
+        self.broker.create_topics({SRC: PARTITIONS, DLQ: 1})
+        self.tiktok = TikTok()
+        self.dlq = Dlq(self.broker)
+        self.creator = Creator()
+        self.late_mapped = False
+        self.seq = 0
+        self.events: dict[tuple[int, int], tuple[str, str, bool]] = {}  # (partition, offset) → user, key, entered
+        self.max_tracked = 0
+        self.pipeline: Pipeline | None = None
+        self.consumer: InMemoryConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.stop: asyncio.Event | None = None
+        self.crashes = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        async def start() -> None:
+            resolver = Resolver(ResolverSettings(), mappings(late=self.late_mapped), SchemaStore())
+            p = Pipeline(
+                resolver=resolver,
+                batcher=Batcher(max_rows=4, linger_s=0.002, clock=self.loop.time),
+                uploader=self.tiktok,
+                dlq=self.dlq,
+                dlq_topic=DLQ,
+                backoff=Backoff(0.001, 0.004, 0.25, random.Random(7)),
+                options=PipelineOptions(
+                    max_inflight=2,
+                    max_pending=MAX_PENDING,
+                    consume_batch=CONSUME_BATCH,
+                    consume_timeout_s=0.001,
+                    drain_timeout_s=1.0,
+                    revoke_timeout_s=0.05,
+                    auth_retry_s=0.005,
+                    max_qps=100_000,
+                    audience_warmup_s=0.0,
+                ),
+                guard=DlqGuard(4, 0.03, self.loop.time),
+                creator=self.creator,  # type: ignore[arg-type]
+                clock=self.loop.time,
+            )
+            c = InMemoryConsumer(
+                self.broker,
+                GROUP,
+                [SRC],
+                **self.tiktok.hooks(p),
+                sleep=asyncio.sleep,
+                clock=self.loop.time,
+                auto_commit_interval_s=0.005,  # the service commits stored offsets with librdkafka's auto-commit
+            )
+            self.pipeline, self.consumer = p, c
+            self.stop = asyncio.Event()
+            self.task = asyncio.create_task(p.run(c, self.stop))
+
+        self.loop.run_until_complete(start())
+        self._run(0.01)
+
+    def _run(self, seconds: float) -> None:
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+        if self.task is not None and self.task.done():
+            self.task.result()  # surface a crash of the loop itself
+        if self.pipeline is not None:
+            self.max_tracked = max(self.max_tracked, self.pipeline.ledger.tracked)
+
+    def _in_loop(self, fn: Any, *args: Any) -> None:
+        """Call `fn` on the loop, as the service does (the mappings watcher is a task)."""
+
+        async def call() -> None:
+            fn(*args)
+
+        self.loop.run_until_complete(call())
+
+    @initialize()
+    def begin(self) -> None:
+        self._start()
+
+    def teardown(self) -> None:
+        try:
+            if self.pipeline is not None:
+                self._quiesce_and_check()
+        finally:
+            if self.task is not None and not self.task.done():
+                assert self.stop is not None
+                self.stop.set()
+                self.loop.run_until_complete(asyncio.wait_for(self.task, 5))
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+    # -- rules ----------------------------------------------------------------------------------------------
+
+    @rule(user=st.sampled_from(USERS), key=st.sampled_from(KEYS), entered=st.booleans(), n=st.integers(1, 3))
+    def produce(self, user: str, key: str, entered: bool, n: int) -> None:
+        for i in range(n):
+            self.seq += 1
+            value = event(user, key, entered if i % 2 == 0 else not entered, self.seq)
+            ref = self.broker.produce(SRC, value, user.encode(), partition=partition_of(user))
+            self.events[(ref.partition, ref.offset)] = (user, key, entered if i % 2 == 0 else not entered)
+        self._run(0.004)
+
+    @rule(mode=st.sampled_from(MODES))
+    def tiktok_answers(self, mode: str) -> None:
+        self.tiktok.mode = mode
+        self._run(0.01)
+
+    @rule(ms=st.integers(1, 30))
+    def time_passes(self, ms: int) -> None:
+        self._run(ms / 1000)
+
+    @rule(partition=st.integers(0, PARTITIONS - 1))
+    def revoke(self, partition: int) -> None:
+        assert self.consumer is not None
+        tp = TopicPartition(SRC, partition)
+        if tp in self.consumer.assigned:
+            self.broker.rebalance(self.consumer, revoke=[tp])
+        self._run(0.01)
+
+    @rule(partition=st.integers(0, PARTITIONS - 1))
+    def lose(self, partition: int) -> None:
+        assert self.consumer is not None
+        tp = TopicPartition(SRC, partition)
+        if tp in self.consumer.assigned:
+            self.broker.rebalance(self.consumer, lost=[tp])
+        self._run(0.01)
+
+    @rule(partition=st.integers(0, PARTITIONS - 1))
+    def assign(self, partition: int) -> None:
+        assert self.consumer is not None
+        self.broker.rebalance(self.consumer, assign=[TopicPartition(SRC, partition)])
+        self._run(0.01)
+
+    @rule(ok=st.booleans())
+    def creation_finishes(self, ok: bool) -> None:
+        self.creator.finish(ok)
+        self._run(0.005)
+
+    @rule()
+    def mapping_reload_adds_late(self) -> None:
+        assert self.pipeline is not None
+        self.late_mapped = True
+        self._in_loop(self.pipeline.set_mappings, mappings(late=True))
+        self._run(0.005)
+
+    @rule(down=st.booleans())
+    def dead_letter_topic(self, down: bool) -> None:
+        self.dlq.down = down
+        self._run(0.005)
+
+    @precondition(lambda self: self.crashes < 2)
+    @rule()
+    def crash(self) -> None:
+        """kill -9: all memory gone; a new process resumes from the committed offsets."""
+        assert self.task is not None and self.consumer is not None
+        self.task.cancel()
+        self.loop.run_until_complete(asyncio.gather(self.task, return_exceptions=True))
+        if not self.consumer.closed:
+            self.consumer.crash()
+        self.crashes += 1
+        self.creator.outcome = None  # a new process asks again
+        self._start()
+
+    # -- invariants -----------------------------------------------------------------------------------------
+
+    @invariant()
+    def no_request_after_revoke(self) -> None:
+        assert not self.tiktok.fence_violations, self.tiktok.fence_violations[:3]
+
+    @invariant()
+    def commits_never_pass_a_live_record(self) -> None:
+        if self.pipeline is None:
+            return
+        live: dict[TopicPartition, int] = {}
+        for ref, _ in self.pipeline.ledger.live_sources():
+            live[ref.tp] = min(live.get(ref.tp, ref.offset), ref.offset)
+        for tp, lowest in live.items():
+            committed = self.broker.committed(GROUP, tp)
+            assert committed is None or committed <= lowest, f"{tp} committed {committed} past live {lowest}"
+
+    @invariant()
+    def tracked_records_are_bounded(self) -> None:
+        assert self.max_tracked <= MAX_PENDING + CONSUME_BATCH, self.max_tracked
+
+    # -- quiescence -----------------------------------------------------------------------------------------
+
+    def _quiesce_and_check(self) -> None:
+        assert self.pipeline is not None and self.consumer is not None
+        self.tiktok.mode = "ok"
+        self.dlq.down = False
+        self.creator.healthy = True
+        self.creator.finish(True)
+        if not self.late_mapped:
+            self.late_mapped = True
+            self._in_loop(self.pipeline.set_mappings, mappings(late=True))
+        self.broker.rebalance(self.consumer, assign=self.broker.partitions(SRC))
+        ends = {tp: self.broker.end_offset(tp) for tp in self.broker.partitions(SRC)}
+        p = self.pipeline
+        for _ in range(400):
+            self._run(0.01)
+            if (
+                p.ledger.pending() == 0
+                and p.holds.held_records == 0
+                and all(self.broker.committed(GROUP, tp) == end for tp, end in ends.items() if end)
+            ):
+                break
+        assert p.ledger.pending() == 0, f"{p.ledger.pending()} records still pending at quiescence: {self._why()}"
+        assert p.holds.held_records == 0
+        assert not p.pauses.paused and not self.consumer.paused, "healthy and idle, yet paused"
+        for tp, end in ends.items():
+            if end:
+                assert self.broker.committed(GROUP, tp) == end, f"{tp} committed short of its end"
+        self._check_final_state()
+
+    def _why(self) -> str:
+        p = self.pipeline
+        assert p is not None
+        live = [(ref, self.events.get((ref.partition, ref.offset))) for ref, _ in p.ledger.live_sources()]
+        return (
+            f"live={live[:5]} batcher_rows={p.batcher.pending_rows} inflight_cells={p.batcher.inflight_cells} "
+            f"held={p.holds.held_records} gate={p.gate.reason} guard={p.dead_letters.tripped} "
+            f"backing_off={p.uploads.backing_off} sending={p.uploads._sending} tasks={len(p._tasks)} "
+            f"upload_tasks={len(p.uploads._tasks)} dlq_down={self.dlq.down} mode={self.tiktok.mode}"
+        )
+
+    def _check_final_state(self) -> None:
+        lettered = set()
+        for msg in self.broker.records(TopicPartition(DLQ, 0)):
+            headers = list(msg.headers() or [])
+            part, off = header_value(headers, "dlq.source.partition"), header_value(headers, "dlq.source.offset")
+            assert part is not None and off is not None
+            lettered.add((int(part), int(off)))
+        newest: dict[tuple[str, str], tuple[tuple[int, int], bool]] = {}
+        for (part, off), (user, key, entered) in sorted(self.events.items()):
+            newest[(key, user)] = ((part, off), entered)  # one user's records share a partition: offset order
+        audience_of = {**{k: aud for k, (_, aud) in MAPPED.items()}, LATE[0]: LATE[2], MADE[0]: MADE[2]}
+        for (key, user), (where, entered) in newest.items():
+            if where in lettered:
+                continue  # the newest event itself was dead-lettered: replay decides
+            cell = (audience_of[key], email_hash(user))
+            assert self.tiktok.cells.get(cell, False) == entered, (
+                f"{key}/{user}: newest event {'entered' if entered else 'exited'} (at {where}), "
+                f"TikTok has {self.tiktok.cells.get(cell)}"
+            )
+
+
+PipelineMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    derandomize=os.environ.get("AUDIENCE_SYNC_MODEL_SEED") is None,
+    # Shrinking replays whole pipeline runs: bounded so a failure is reported in minutes, not hours.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate]
+    + ([Phase.shrink] if os.environ.get("AUDIENCE_SYNC_MODEL_SHRINK") else []),
+)
+TestPipelineModel = PipelineMachine.TestCase
