@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
 from service.config import ConfigError, load_settings
+from service.logs import DEFAULT_FORMAT, LOG_FORMATS, setup_logging
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str = "INFO", log_format: str | None = None) -> None:
+    """stderr, in LOG_FORMAT (text or json; README "Logs"). `run` passes its validated settings; for the other
+    subcommands an unknown LOG_FORMAT falls back to text here (those that load the settings refuse it)."""
+    if log_format is None:
+        wanted = os.environ.get("LOG_FORMAT", "").strip().lower()
+        log_format = wanted if wanted in LOG_FORMATS else DEFAULT_FORMAT
+    setup_logging(level, log_format)
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def cmd_run(_: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"audience-sync: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         return run(settings)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.kafka import msk_iam
+from service.logs import LOG_FORMATS
 
 DEFAULT_TIKTOK_API_URL = "https://business-api.tiktok.com/open_api/v1.3"
 
@@ -85,7 +86,10 @@ class Settings(BaseSettings):
     dlq_guard_max_ratio: float = Field(0.0, ge=0, lt=1)
     dlq_guard_window: int = Field(1000, ge=1)
 
+    audience_health_interval_s: float = Field(300.0, ge=0)  # 0 disables the audience health poll
+
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *args: Any, **kw: Any) -> Any:
@@ -98,6 +102,13 @@ class Settings(BaseSettings):
         if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return v.upper()
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v.strip().lower() not in LOG_FORMATS:
+            raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+        return v.strip().lower()
 
     @field_validator("default_advertiser_id")
     @classmethod

@@ -1,7 +1,9 @@
 """Every metric the service exports, defined in one place (arroyo's `metric_defs` idea).
 
 Prometheus conventions: base units, `_total` counters, histograms not summaries. Labels are bounded enums
-(reason codes, id types, actions, status classes, partitions); never a user, an email or an audience id.
+(reason codes, id types, actions, status classes, partitions); never a user, an email or an audience id. The
+audience health gauges alone carry `audience_key` and `advertiser_id`, and only for entries of the mappings file:
+one series per entry and gauge, bounded by that file (README "Metrics").
 """
 
 from __future__ import annotations
@@ -140,3 +142,36 @@ MAPPINGS_RELOADS = Counter(
     P + "mappings_reloads_total", "Mappings file reloads, by outcome.", ["outcome"], registry=REGISTRY
 )
 MAPPINGS_ENTRIES = Gauge(P + "mappings_entries", "Audience keys in the active mappings file.", registry=REGISTRY)
+
+# Audience health (pipeline/audience_health.py): a slow poll of every audience of the mappings file.
+AUDIENCE_LABELS = ("audience_key", "advertiser_id")
+AUDIENCE_MEMBERS = Gauge(
+    P + "audience_members",
+    "TikTok's matched-user count (cover_num) of each mapped audience, read by the audience health poll.",
+    AUDIENCE_LABELS,
+    registry=REGISTRY,
+)
+AUDIENCE_VALID = Gauge(
+    P + "audience_valid",
+    "1 while TikTok reports the mapped audience valid (is_valid), 0 when invalid or missing for the advertiser.",
+    AUDIENCE_LABELS,
+    registry=REGISTRY,
+)
+AUDIENCE_EXPIRY = Gauge(
+    P + "audience_expiry_timestamp_seconds",
+    "Unix time at which TikTok expires the mapped audience (expired_time).",
+    AUDIENCE_LABELS,
+    registry=REGISTRY,
+)
+AUDIENCE_FIRST_UPLOAD = Gauge(
+    P + "audience_first_upload_timestamp_seconds",
+    "When the service started syncing the mapped audience: TikTok's create time for an audience created on "
+    "demand, else this process's first health poll of it (alerts take the minimum over replicas and restarts).",
+    AUDIENCE_LABELS,
+    registry=REGISTRY,
+)
+AUDIENCE_HEALTH_POLLED = Gauge(
+    P + "audience_health_last_poll_timestamp_seconds",
+    "Unix time of the last audience health poll that read every mapped audience.",
+    registry=REGISTRY,
+)

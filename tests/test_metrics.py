@@ -35,7 +35,22 @@ EXPECTED = {
     ("audience_sync_dlq_guard_tripped", "gauge", ()),
     ("audience_sync_mappings_reloads", "counter", ("outcome",)),
     ("audience_sync_mappings_entries", "gauge", ()),
+    ("audience_sync_audience_members", "gauge", ("audience_key", "advertiser_id")),
+    ("audience_sync_audience_valid", "gauge", ("audience_key", "advertiser_id")),
+    ("audience_sync_audience_expiry_timestamp_seconds", "gauge", ("audience_key", "advertiser_id")),
+    ("audience_sync_audience_first_upload_timestamp_seconds", "gauge", ("audience_key", "advertiser_id")),
+    ("audience_sync_audience_health_last_poll_timestamp_seconds", "gauge", ()),
 }
+
+# The audience health gauges alone name an audience: by its mappings-file key and advertiser, never by its TikTok
+# id, so their series are bounded by the mappings file (one per entry and gauge, README "Metrics").
+AUDIENCE_HEALTH = {
+    "audience_sync_audience_members",
+    "audience_sync_audience_valid",
+    "audience_sync_audience_expiry_timestamp_seconds",
+    "audience_sync_audience_first_upload_timestamp_seconds",
+}
+MAPPINGS_BOUNDED_LABELS = {"audience_key", "advertiser_id"}
 
 # Labels whose values come from a closed set: cardinality stays bounded whatever the traffic.
 BOUNDED_LABELS = {
@@ -72,9 +87,19 @@ def test_metric_names_and_label_sets_are_stable() -> None:
 
 
 def test_no_label_can_carry_a_user_or_an_audience() -> None:
-    labels = {label for _, _, ls in EXPECTED for label in ls}
+    labels = {label for name, _, ls in EXPECTED if name not in AUDIENCE_HEALTH for label in ls}
     assert labels <= BOUNDED_LABELS
     assert not labels & {"user", "email", "phone", "audience", "audience_id", "advertiser", "advertiser_id"}
+
+
+def test_only_the_audience_health_gauges_name_an_audience_and_only_by_its_mappings_key() -> None:
+    for name, kind, labels in EXPECTED:
+        if name in AUDIENCE_HEALTH:
+            assert kind == "gauge" and set(labels) == MAPPINGS_BOUNDED_LABELS, name
+        else:
+            assert not set(labels) & MAPPINGS_BOUNDED_LABELS, name
+    all_labels = {label for _, _, ls in EXPECTED for label in ls}
+    assert not all_labels & {"user", "email", "phone", "audience", "audience_id", "advertiser"}
 
 
 def test_exposition_uses_base_units_and_total_suffixes() -> None:

@@ -30,6 +30,7 @@ from service.kafka.consumer import KafkaSourceConsumer
 from service.kafka.producer import AsyncProducer
 from service.kafka.schema_registry import SchemaRegistryClient
 from service.pipeline.audience_creation import AudienceCreator
+from service.pipeline.audience_health import AudienceHealth, AudienceRef, audience_targets
 from service.pipeline.loop import IntakeHook, Pipeline, PipelineOptions
 from service.pipeline.mappings_watch import MappingsWatcher
 from service.tiktok.audiences_api import AudiencesApi
@@ -125,6 +126,28 @@ def build_pipeline(
     )
 
 
+def start_audience_health(
+    settings: Settings, session: aiohttp.ClientSession, token: TokenSource, pipeline: Pipeline
+) -> asyncio.Task[None] | None:
+    """The audience health poll (pipeline/audience_health.py) as a background task; None when disabled."""
+    if settings.audience_health_interval_s <= 0:
+        return None
+    api = AudiencesApi(TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s))
+
+    def created() -> dict[AudienceRef, str]:
+        # dict() of a dict is one C-level copy: atomic under the GIL against the store's tail thread.
+        known = dict(pipeline.creator.store.ids) if pipeline.creator is not None else {}
+        known.update(pipeline.resolver.created_audiences)
+        return known
+
+    poller = AudienceHealth(
+        api,
+        lambda: audience_targets(pipeline.resolver.mappings, settings.default_advertiser_id, created()),
+        interval_s=settings.audience_health_interval_s,
+    )
+    return asyncio.create_task(poller.run(), name="audience-health")
+
+
 async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Event) -> None:
     """Run until `stop` is set, then drain and commit. Raises ConfigError before anything starts."""
     mappings = load_initial_mappings(settings)
@@ -174,6 +197,7 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
             watcher = MappingsWatcher(settings.mappings_file, pipeline.set_mappings)
             watcher_task = asyncio.create_task(watcher.run(), name="mappings-watch")
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, watcher.reload)
+        health_task = start_audience_health(settings, session, token, pipeline)
         runner = web.AppRunner(ops, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -184,6 +208,9 @@ async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Ev
         finally:
             if watcher_task is not None:
                 watcher_task.cancel()
+            if health_task is not None:
+                health_task.cancel()
+                await asyncio.gather(health_task, return_exceptions=True)
             left = dlq.close()
             if left:
                 log.error("%d dead letters were not acknowledged; their offsets were not committed", left)

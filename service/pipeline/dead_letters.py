@@ -104,13 +104,14 @@ class DeadLetterWriter:
                     exc.size,
                     exc.limit,
                     ", ".join(fitted.dropped) or "nothing",
+                    extra=_context(src, letter),
                 )
                 key, value, headers = fitted.key, fitted.value, fitted.headers
                 continue
             except DeliveryError as exc:
                 attempt += 1
                 m.DEAD_LETTER_FAILURES.inc()
-                log.error("dead-letter write failed (attempt %d): %s", attempt, exc)
+                log.error("dead-letter write failed (attempt %d): %s", attempt, exc, extra=_context(src, letter))
                 await self._sleep(self._backoff.delay(attempt))  # never gives up: the offset waits
                 continue
             m.EVENTS_DEAD_LETTERED.labels(letter.reason.value).inc()
@@ -159,3 +160,15 @@ class DeadLetterWriter:
     def close(self) -> None:
         if self._cooldown is not None:
             self._cooldown.cancel()
+
+
+def _context(src: Any, letter: DeadLetter) -> dict[str, object]:
+    """Structured-log context of a letter (LOG_FORMAT=json keys): where the record came from and why."""
+    return {
+        "topic": src.ref.topic,
+        "partition": src.ref.partition,
+        "offset": src.ref.offset,
+        "reason": letter.reason.value,
+        "tiktok_code": letter.tiktok_code,
+        "tiktok_request_id": letter.tiktok_request_id,
+    }

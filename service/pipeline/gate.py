@@ -60,6 +60,7 @@ class UploadGate:
                 answer.http_status,
                 answer.code,
                 answer.request_id,
+                extra={"tiktok_code": answer.code, "tiktok_request_id": answer.request_id},
             )
         self.reason = reason
         m.AUTH_OK.set(0 if reason == "auth" else 1)

@@ -229,7 +229,13 @@ class Intake:
         try:
             await self.schema_fetcher.ensure(schema_id)
         except RegistryUnavailable as exc:
-            log.warning("schema registry unavailable (%s); %s[%d] retries in %.0fs", exc, *tp, self.registry_retry_s)
+            log.warning(
+                "schema registry unavailable (%s); %s[%d] retries in %.0fs",
+                exc,
+                *tp,
+                self.registry_retry_s,
+                extra={"topic": tp.topic, "partition": tp.partition},
+            )
             await self._sleep(self.registry_retry_s)
         finally:
             self.pauses.remove([tp], reason)

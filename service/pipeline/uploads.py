@@ -268,7 +268,11 @@ class UploadScheduler:
         m.UPLOAD_DURATION.labels(answer.status_class).observe(time.perf_counter() - t0)
         m.TIKTOK_ANSWERS.labels(answer.status_class, answer.verdict.value, answer.code_label).inc()
         if answer.code == 20001:
-            log.info("TikTok answered PARTIAL_OK (request_id=%s)", answer.request_id)
+            log.info(
+                "TikTok answered PARTIAL_OK (request_id=%s)",
+                answer.request_id,
+                extra={"tiktok_code": answer.code, "tiktok_request_id": answer.request_id},
+            )
         return answer
 
     def _uploaded(self, batch: Batch) -> None:

