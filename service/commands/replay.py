@@ -499,10 +499,6 @@ class _Republisher:
             self.reader.close()
         return 0
 
-    def _hold(self, partition: int) -> None:
-        if partition not in self.reader.finished:
-            self.reader.hold(partition)
-
     def _batch(self, batch: list[Message], limit: int | None) -> bool:
         """Handle one fetched batch; False when a record could not be republished (the run stops)."""
         handled: dict[int, list[int]] = {}
@@ -511,14 +507,14 @@ class _Republisher:
         for msg in batch:
             info = DeadLetterInfo.of(msg)
             p = info.partition
-            if p in self.reader.finished or p in failed_partition:
+            if p in self.reader.held or p in failed_partition:  # not `finished`: see TopicReader
                 continue
             if (limit is not None and self.summary.read >= limit) or self.stopping.is_set():
-                self._hold(p)
+                self.reader.hold(p)
                 continue
             if _not_this_run(info, self.run_started, self.selector.checked):
                 self.summary.held_partitions += 1
-                self._hold(p)
+                self.reader.hold(p)
                 continue
             self.summary.read += 1
             self.progress.update()
@@ -531,7 +527,7 @@ class _Republisher:
                     if not self.args.dry_run:  # a real run stops the partition here, uncommitted, for a fix
                         self.summary.uncount(verdict, why)
                         failed_partition[p] = problem
-                        self._hold(p)
+                        self.reader.hold(p)
                         continue
             handled.setdefault(p, []).append(info.offset)
         if self.producer is not None:
@@ -660,7 +656,7 @@ def check_newer(
         for batch in reader.messages():
             for msg in batch:
                 info = DeadLetterInfo.of(msg)
-                if info.partition in reader.finished:
+                if info.partition in reader.held:  # not `finished`: an EOF in this batch comes after its records
                     continue
                 if _not_this_run(info, run_started, None):
                     reader.hold(info.partition)

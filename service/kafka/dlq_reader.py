@@ -253,6 +253,12 @@ class TopicReader:
     `from_committed=True` starts at the group's committed offsets (replay resumes there), else at the
     beginning. `hold(partition)` stops a partition where a record must not be handled in this run; the
     caller commits nothing past that record.
+
+    Two different ways a partition is done, kept apart: `ended` (its EOF came: every record before it has been
+    or is being yielded, and must be handled) and `held` (the caller stopped it: the records of the current batch
+    from the held one on must not be handled). An EOF often arrives in the same consume() batch as the partition's
+    last records, before the caller has seen them; the records ahead of it are still yielded, and a caller skips
+    only the partitions in `held`, never those in `ended`.
     """
 
     def __init__(
@@ -269,14 +275,24 @@ class TopicReader:
             raise
         start = OFFSET_STORED if from_committed else OFFSET_BEGINNING
         self.consumer.assign([KTP(topic, p, start) for p in self.partitions])
-        self.finished: set[int] = set()
+        self.ended: set[int] = set()
+        self.held: set[int] = set()
+
+    @property
+    def finished(self) -> set[int]:
+        """Partitions this reader yields nothing more of: at their end, or held."""
+        return self.ended | self.held
 
     def hold(self, partition: int) -> None:
-        self.consumer.pause([KTP(self.topic, partition)])
-        self.finished.add(partition)
+        if partition not in self.held:
+            self.consumer.pause([KTP(self.topic, partition)])
+            self.held.add(partition)
 
     def messages(self, batch: int = 500, should_stop: Callable[[], bool] = lambda: False) -> Iterator[list[Message]]:
-        """Batches of records until every partition reached its end or was held, or nothing came for a while."""
+        """Batches of records until every partition reached its end or was held, or nothing came for a while.
+
+        A batch holds every record consumed before its partition's EOF, even when that EOF came in the same
+        consume() call; records after it (traffic written since) are left for the next run."""
         last = time.monotonic()
         while len(self.finished) < len(self.partitions) and not should_stop():
             got = self.consumer.consume(batch, self.poll_s)
@@ -287,7 +303,7 @@ class TopicReader:
                     if (msg.partition() or 0) not in self.finished:
                         out.append(msg)
                 elif err.code() == KafkaError._PARTITION_EOF:
-                    self.finished.add(msg.partition() or 0)
+                    self.ended.add(msg.partition() or 0)
                 elif err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
                     raise KafkaException(err)
             if got:
