@@ -94,10 +94,21 @@ class _Buffer:
     key: BatchKey
     rows: dict[int, Row] = field(default_factory=dict)  # sendable rows, insertion-ordered by row identity
     blocked: dict[int, Row] = field(default_factory=dict)  # rows waiting for an in-flight change to a cell
+    early: dict[int, Row] = field(default_factory=dict)  # unblocked rows older than the first row: linger from them
+    early_min: float = float("inf")
     nbytes: int = 0
 
     def oldest(self) -> float:
-        return next(iter(self.rows.values())).enqueued_at
+        t = next(iter(self.rows.values())).enqueued_at
+        return t if t <= self.early_min else self.early_min
+
+    def add_early(self, row: Row) -> None:
+        self.early[id(row)] = row
+        self.early_min = min(self.early_min, row.enqueued_at)
+
+    def drop_early(self, row: Row) -> None:
+        if self.early.pop(id(row), None) is not None and row.enqueued_at <= self.early_min:
+            self.early_min = min((r.enqueued_at for r in self.early.values()), default=float("inf"))
 
 
 class Batcher:
@@ -122,6 +133,7 @@ class Batcher:
         self._row_buffer: dict[int, _Buffer] = {}
         self._inflight_cells: dict[CellKey, int] = {}  # cell → requests in flight carrying it
         self._blocked: dict[int, Row] = {}  # rows set aside until a cell of theirs leaves flight
+        self._waiting: dict[CellKey, list[Row]] = {}  # in-flight cell → blocked rows to look at when it lands
         self._ids = count(1)
         self.pending_rows = 0
 
@@ -171,6 +183,8 @@ class Batcher:
         if buf.rows.pop(id(row), None) is None:
             del buf.blocked[id(row)]
             del self._blocked[id(row)]
+        elif buf.early:
+            buf.drop_early(row)
         del self._row_buffer[id(row)]
         buf.nbytes -= row.nbytes
         self.pending_rows -= 1
@@ -236,8 +250,11 @@ class Batcher:
             nbytes += row.nbytes
         for row in blocked:
             del buf.rows[id(row)]
+            if buf.early:
+                buf.drop_early(row)
             buf.blocked[id(row)] = row
             self._blocked[id(row)] = row
+            self._wait(row)
         if not rows:
             return None
         pending = self._pending_cells
@@ -251,6 +268,7 @@ class Batcher:
     def release(self, rows: Iterable[Row]) -> None:
         """Rows reached a final outcome (uploaded or dead-lettered): their cells are no longer in flight."""
         inflight = self._inflight_cells
+        landed: list[CellKey] = []
         for row in rows:
             for ck in row.keys:
                 n = inflight[ck]
@@ -258,19 +276,32 @@ class Batcher:
                     inflight[ck] = n - 1
                 else:
                     del inflight[ck]
-        if self._blocked:
-            free = inflight.keys().isdisjoint
-            for row in [r for r in self._blocked.values() if free(r.keys)]:
-                self._unblock(self._row_buffer[id(row)], row)
+                    landed.append(ck)
+        if self._waiting and landed:
+            for ck in landed:
+                for row in self._waiting.pop(ck, ()):
+                    if self._blocked.get(id(row)) is not row:
+                        continue  # unblocked, superseded or dropped meanwhile
+                    if inflight.keys().isdisjoint(row.keys):
+                        self._unblock(self._row_buffer[id(row)], row)
+                    else:
+                        self._wait(row)  # another of its cells is (again) in flight
+
+    def _wait(self, row: Row) -> None:
+        """Look at a blocked row again when one of its in-flight cells lands (O(rows waiting on that cell))."""
+        inflight, waiting = self._inflight_cells, self._waiting
+        for ck in row.keys:
+            if ck in inflight:
+                waiting.setdefault(ck, []).append(row)
 
     def _unblock(self, buf: _Buffer, row: Row) -> None:
-        """Back among the sendable rows, in arrival order: it lingers from when it arrived, not from now."""
+        """Back among the sendable rows; it lingers from when it arrived, not from now (`_Buffer.early`)."""
         del self._blocked[id(row)]
         del buf.blocked[id(row)]
         rows = buf.rows
+        if rows and next(iter(rows.values())).enqueued_at > row.enqueued_at:
+            buf.add_early(row)
         rows[id(row)] = row
-        if len(rows) > 1 and next(iter(rows.values())).enqueued_at > row.enqueued_at:
-            buf.rows = dict(sorted(rows.items(), key=lambda kv: kv[1].enqueued_at))
 
     def next_deadline(self, hold: Container[BatchKey] = ()) -> float | None:
         """When the oldest sendable row outside `hold` lingers out (clock time), or None when there is none."""
