@@ -47,6 +47,7 @@ from service.pipeline.gate import UploadGate
 from service.pipeline.holds import AudienceHolds
 from service.pipeline.intake import Intake, IntakeHook, Router, SchemaFetcher, Source
 from service.pipeline.stats import BrokerHealth, brokers_up
+from service.pipeline.tasks import Tasks
 from service.pipeline.uploads import Uploader, UploadScheduler
 
 __all__ = ["IntakeHook", "Pipeline", "PipelineOptions", "Source", "brokers_up"]
@@ -99,7 +100,7 @@ class Pipeline:
         self.health = BrokerHealth()
         self.consumer: SourceConsumer | None = None
         self.creator = creator
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("pipeline")
         self._closing = False
         self.started = False
         self.heartbeat = clock()
@@ -188,9 +189,8 @@ class Pipeline:
             dispatcher.cancel()
             self.gate.close_all()
             self.dead_letters.close()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(dispatcher, *self._tasks, return_exceptions=True)
+            await asyncio.gather(dispatcher, return_exceptions=True)
+            await self._tasks.close()
             await self.uploads.close()
             await consumer.close()
 
@@ -364,14 +364,7 @@ class Pipeline:
         return False
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task failed", exc_info=task.exception())
+        self._tasks.spawn(coro)
 
     # -- readiness and statistics ---------------------------------------------------------------------------
 

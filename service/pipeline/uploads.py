@@ -43,6 +43,7 @@ from service.core.upload_policy import (
     DeadLetter as DeadLetterDecision,
 )
 from service.pipeline.gate import UploadGate
+from service.pipeline.tasks import Tasks
 from service.tiktok.payloads import mapping_body
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class UploadScheduler:
         self._slots = asyncio.Semaphore(max_inflight)
         self._sending = 0  # batches between cut and answer, not sleeping
         self._backing_off: dict[BatchKey, int] = {}  # batch key → its batches sleeping before a retry
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("upload")
         self._wake = asyncio.Event()
         self.force = 0  # > 0 while a drain or revoke wants everything flushed now
         m.RATE_LIMIT_QPS.set(bucket.rate)
@@ -124,19 +125,10 @@ class UploadScheduler:
             self.spawn(self._send(batch, counted=True))
 
     def spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("upload task failed", exc_info=task.exception())
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     @property
     def backing_off(self) -> int:
