@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,6 @@ from tests.commands.test_dlq_inspect import MAPPED, UNMAPPED, event_value, lette
 from tests.conftest import Topics, committed, read_all
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxThread]:
-    audiences = [(ADVERTISER_ID, UNMAPPED.audience_id), (ADVERTISER_ID, MAPPED.audience_id)]
-    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
-        yield s
 
 
 def mappings_file(tmp_path: Path, *audiences: Any) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,20 +22,13 @@ from service.core.dead_letters import DeadLetter, dead_letter_headers
 from service.core.model import DlqReason
 from service.core.types import RecordRef
 from service.devtools.broker import LocalBroker
-from service.devtools.sample import ADVERTISER_ID, SampleUser, make_users, segment_event
+from service.devtools.sample import SampleUser, make_users, segment_event
 from service.devtools.sandbox import SandboxThread
 from tests.commands.test_dlq_inspect import EMAIL_RE, MAPPED, UNMAPPED, operator_env, produce_letters
 from tests.commands.test_replay import produce_originals, replay_offsets, replayed
 from tests.conftest import ServiceProcess, Topics, committed, produce, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxThread]:
-    audiences = [(ADVERTISER_ID, UNMAPPED.audience_id), (ADVERTISER_ID, MAPPED.audience_id)]
-    with SandboxThread(host="127.0.0.1", port=0, advertisers=[ADVERTISER_ID], audiences=audiences) as s:
-        yield s
 
 
 def write_mappings(path: Path, *audiences: Any) -> None:
