@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audience", action="append", default=[], metavar="KEY=ADVERTISER_ID:AUDIENCE_ID")
     p.add_argument("--events", type=int, required=True, help="records in the topic (N)")
     p.add_argument("--status-dir", type=Path, required=True)
+    p.add_argument(
+        "--consumer-config",
+        action="append",
+        default=[],
+        metavar="PROPERTY=VALUE",
+        help="librdkafka consumer property (the harness passes the service's session.timeout.ms)",
+    )
     args = p.parse_args(argv)
     audiences = _parse_audiences(args.audience)
     args.status_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         consumer_group=args.group,
         auto_offset_reset="earliest",
         state_dir=str(args.status_dir / "state"),
+        consumer_extra_config=dict(kv.split("=", 1) for kv in args.consumer_config),
     )
     topic = app.topic(args.topic, value_deserializer="json")
     sdf = app.dataframe(topic)
