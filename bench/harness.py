@@ -811,8 +811,8 @@ class Bench:
         if email is not None and "email" in self.rates:
             if self.quix:
                 ratio = self.rates["email"] / self.quix["eps"]
-                email.baseline = f"quix {_fmt_rate(self.quix['eps'])} ev/s; " + email.baseline
-                email.ratio = f"{ratio:.2f}x quix; " + email.ratio
+                email.baseline = "; ".join(x for x in (f"quix {_fmt_rate(self.quix['eps'])} ev/s", email.baseline) if x)
+                email.ratio = "; ".join(x for x in (f"{ratio:.2f}x quix", email.ratio) if x)
                 email.result = "PASS" if ratio >= TARGETS["email_vs_quix"] else "FAIL"
             else:
                 email.result = "n/a (no quix figure in this run)"
