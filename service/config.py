@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(1_048_576, ge=1)
 
     batch_max_rows: int = Field(1000, ge=1, le=10_000)
+    # Rows per request while requests are scarce (a backlog with the QPS cap binding); >= batch_max_rows.
+    batch_max_rows_ceiling: int = Field(10_000, ge=1, le=10_000)
     batch_max_bytes: int = Field(2_000_000, ge=1024)
     batch_linger_ms: int = Field(1000, ge=0)
     max_inflight_requests: int = Field(4, ge=1, le=256)
@@ -75,7 +77,11 @@ class Settings(BaseSettings):
     revoke_timeout_s: float = Field(10.0, gt=0, le=25)  # the consumer bridge waits 30 s for the revoke hook
 
     tiktok_timeout_s: float = Field(10.0, gt=0)
-    tiktok_max_qps: float = Field(40.0, gt=0)
+    # TikTok's Basic tier (every new app) is 10 QPS / 600 QPM per developer app: 8 leaves room for the
+    # control-plane limiter and for window alignment (docs/operations.md "TikTok rate budget").
+    tiktok_max_qps: float = Field(8.0, gt=0)
+    tiktok_control_qps: float = Field(1.0, gt=0)
+    tiktok_quota_pause_s: float = Field(310.0, gt=0)
     retry_base_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     retry_budget_s: float = Field(300.0, gt=0)
@@ -145,6 +151,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DLQ_TOPIC {self.dead_letter_topic!r} must not be one of SOURCE_TOPIC "
                 "(a dead letter would be consumed again)"
+            )
+        if self.batch_max_rows_ceiling < self.batch_max_rows:
+            raise ValueError(
+                f"BATCH_MAX_ROWS_CEILING ({self.batch_max_rows_ceiling}) must be >= BATCH_MAX_ROWS "
+                f"({self.batch_max_rows})"
             )
         return self
 

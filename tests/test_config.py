@@ -135,7 +135,8 @@ def test_defaults() -> None:
     assert (s.batch_max_rows, s.batch_max_bytes, s.batch_linger_ms) == (1000, 2_000_000, 1000)
     assert (s.max_inflight_requests, s.max_pending_events) == (4, 50_000)
     assert (s.drain_timeout_s, s.revoke_timeout_s, s.tiktok_timeout_s) == (20.0, 10.0, 10.0)
-    assert s.tiktok_max_qps == 40.0
+    assert (s.tiktok_max_qps, s.tiktok_control_qps, s.tiktok_quota_pause_s) == (8.0, 1.0, 310.0)
+    assert s.batch_max_rows_ceiling == 10_000
     assert (s.retry_base_s, s.retry_max_s, s.retry_budget_s, s.auth_retry_s) == (0.5, 30.0, 300.0, 15.0)
     assert (s.dlq_guard_max_consecutive, s.dlq_guard_cooldown_s) == (1000, 300.0)
     assert s.log_level == "INFO"

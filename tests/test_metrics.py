@@ -18,11 +18,15 @@ EXPECTED = {
     ("audience_sync_batches_sent", "counter", ("action", "trigger")),
     ("audience_sync_rows_sent", "counter", ("action",)),
     ("audience_sync_batch_rows", "histogram", ()),
+    ("audience_sync_batch_rows_limit", "gauge", ()),
     ("audience_sync_upload_duration_seconds", "histogram", ("status_class",)),
     ("audience_sync_tiktok_answers", "counter", ("status_class", "verdict", "code")),
     ("audience_sync_upload_retries", "counter", ("cause",)),
     ("audience_sync_rate_limit_wait_seconds", "counter", ()),
     ("audience_sync_rate_limit_qps", "gauge", ()),
+    ("audience_sync_tiktok_quota_paused", "gauge", ()),
+    ("audience_sync_control_rate_limit_wait_seconds", "counter", ()),
+    ("audience_sync_tiktok_quota_pauses", "counter", ()),
     ("audience_sync_inflight_requests", "gauge", ()),
     ("audience_sync_pending_events", "gauge", ()),
     ("audience_sync_paused_partitions", "gauge", ()),
@@ -108,3 +112,20 @@ def test_exposition_uses_base_units_and_total_suffixes() -> None:
         if fam.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
         assert "_ms" not in fam.name and "_milliseconds" not in fam.name
+
+
+def test_observe_many_writes_what_per_value_observes_write() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    values = [0.0, 0.001, 0.05, 0.05, 0.1, 0.25, 0.2500001, 3.0, 99.0, 1e9]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("lat_seconds", "x", buckets=(0.05, 0.1, 0.25, 1, 5), registry=one)
+    h2 = Histogram("lat_seconds", "x", buckets=(0.05, 0.1, 0.25, 1, 5), registry=many)
+    for v in values:
+        h1.observe(v)
+    m.observe_many(h2, values)
+    m.observe_many(h2, [])
+    def series(reg: CollectorRegistry) -> list[bytes]:
+        return [line for line in generate_latest(reg).splitlines() if b"_created" not in line]
+
+    assert series(many) == series(one)

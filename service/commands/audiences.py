@@ -42,6 +42,7 @@ class TikTokSettings(BaseSettings):
     tiktok_access_token: SecretStr | None = None
     tiktok_access_token_file: Path | None = None
     tiktok_timeout_s: float = Field(10.0, gt=0)
+    tiktok_control_qps: float = Field(1.0, gt=0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *args: Any, **kw: Any) -> Any:
@@ -187,7 +188,12 @@ def _dump(doc: dict[str, Any]) -> str:
 
 
 async def _run(args: argparse.Namespace, settings: TikTokSettings, token: str) -> str:
-    async with open_api(settings.tiktok_api_url, lambda: token, timeout_s=settings.tiktok_timeout_s) as api:
+    async with open_api(
+        settings.tiktok_api_url,
+        lambda: token,
+        timeout_s=settings.tiktok_timeout_s,
+        control_qps=settings.tiktok_control_qps,
+    ) as api:
         return await _execute(args, api)
 
 

@@ -466,7 +466,9 @@ async def diagnose(
     token = TokenSource(settings)
     broker_task = asyncio.create_task(asyncio.to_thread(fetch_broker, admin_config(settings, environ), timeout_s))
     try:
-        async with open_api(settings.tiktok_api_url, token.get, timeout_s=timeout_s) as api:
+        async with open_api(
+            settings.tiktok_api_url, token.get, timeout_s=timeout_s, control_qps=settings.tiktok_control_qps
+        ) as api:
             remote = await tiktok_checks(api, settings.tiktok_api_url, plan)
     finally:
         view = await broker_task

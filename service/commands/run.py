@@ -4,6 +4,7 @@ their lifecycles (aiohttp app factory + cleanup contexts, as aiohttp-demos does)
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -34,7 +35,7 @@ from service.pipeline.audience_health import AudienceHealth, AudienceRef, audien
 from service.pipeline.loop import IntakeHook, Pipeline, PipelineOptions
 from service.pipeline.mappings_watch import MappingsWatcher
 from service.tiktok.audiences_api import AudiencesApi
-from service.tiktok.client import TikTokClient
+from service.tiktok.client import ControlLimiter, TikTokClient
 
 log = logging.getLogger("service")
 
@@ -62,6 +63,16 @@ def load_initial_mappings(s: Settings) -> Mappings:
         raise ConfigError(f"MAPPINGS_FILE: {exc}") from None
 
 
+@functools.cache
+def _control_limiter(qps: float) -> ControlLimiter:
+    return ControlLimiter(qps)
+
+
+def control_limiter(settings: Settings) -> ControlLimiter:
+    """The process's one control-plane limiter: the upload client and the health poll share it."""
+    return _control_limiter(settings.tiktok_control_qps)
+
+
 def backoff(settings: Settings) -> Backoff:
     return Backoff(settings.retry_base_s, settings.retry_max_s, settings.retry_budget_s, random.Random())
 
@@ -83,7 +94,13 @@ def build_pipeline(
     fetcher = (
         SchemaRegistryClient(session, settings.schema_registry_url, schemas) if settings.schema_registry_url else None
     )
-    tiktok = TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s)
+    tiktok = TikTokClient(
+        session,
+        settings.tiktok_api_url,
+        token.get,
+        timeout_s=settings.tiktok_timeout_s,
+        control=control_limiter(settings),
+    )
     return Pipeline(
         resolver=Resolver(resolver_settings(settings), mappings, schemas),
         batcher=Batcher(
@@ -105,6 +122,8 @@ def build_pipeline(
             revoke_timeout_s=settings.revoke_timeout_s,
             auth_retry_s=settings.auth_retry_s,
             max_qps=settings.tiktok_max_qps,
+            max_rows_scarce=max(settings.batch_max_rows, settings.batch_max_rows_ceiling),
+            quota_pause_s=settings.tiktok_quota_pause_s,
         ),
         schema_fetcher=fetcher,
         intake=intake,
@@ -132,7 +151,15 @@ def start_audience_health(
     """The audience health poll (pipeline/audience_health.py) as a background task; None when disabled."""
     if settings.audience_health_interval_s <= 0:
         return None
-    api = AudiencesApi(TikTokClient(session, settings.tiktok_api_url, token.get, timeout_s=settings.tiktok_timeout_s))
+    api = AudiencesApi(
+        TikTokClient(
+            session,
+            settings.tiktok_api_url,
+            token.get,
+            timeout_s=settings.tiktok_timeout_s,
+            control=control_limiter(settings),
+        )
+    )
 
     def created() -> dict[AudienceRef, str]:
         # dict() of a dict is one C-level copy: atomic under the GIL against the store's tail thread.

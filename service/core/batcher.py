@@ -34,20 +34,31 @@ _CELL_BYTES = len('{"id":"","audience_ids":[""]},') + 64
 _EMPTY_CELL_BYTES = len("{},")
 
 
-@dataclass(slots=True, eq=False)
 class Row:
-    """One record's row; `cells` shrinks when a newer record supersedes some of its identifiers."""
+    """One record's row; `cells` shrinks when a newer record supersedes some of its identifiers.
 
-    ref: RecordRef
-    change: AudienceChange
-    cells: dict[IdType, str]
-    enqueued_at: float
-    nbytes: int = 0
-    source: Any = None  # opaque to the batcher: the edge's handle on the original record
-    keys: tuple[CellKey, ...] = ()
+    A plain slotted class with a positional constructor: one is made per record on the hot path.
+    """
 
-    def __post_init__(self) -> None:
-        self._rekey()
+    __slots__ = ("cells", "change", "enqueued_at", "keys", "nbytes", "ref", "source")
+
+    def __init__(
+        self,
+        ref: RecordRef,
+        change: AudienceChange,
+        cells: dict[IdType, str],
+        enqueued_at: float,
+        keys: tuple[CellKey, ...],
+        nbytes: int = 0,
+        source: Any = None,
+    ) -> None:
+        self.ref = ref
+        self.change = change
+        self.cells = cells
+        self.enqueued_at = enqueued_at
+        self.keys = keys  # one (advertiser, audience, id type, hash) per cell
+        self.nbytes = nbytes
+        self.source = source  # opaque to the batcher: the edge's handle on the original record
 
     def _rekey(self) -> None:
         c = self.change
@@ -143,21 +154,32 @@ class Batcher:
         """Queue a change; returns the rows it fully superseded (finished: their effect is overwritten)."""
         superseded: list[Row] = []
         adv, aud = change.advertiser_id, change.audience_id
-        for t, h in change.identifiers:
-            old = self._pending_cells.get((adv, aud, t, h))
-            if old is not None and self._drop_cell(old, t):
-                superseded.append(old)
-        key: BatchKey = (adv, change.action, change.id_schema)
+        ids = change.identifiers
+        pending = self._pending_cells
+        if len(ids) == 1:  # the common case: one identifier
+            t, h = ids[0]
+            keys: tuple[CellKey, ...] = ((adv, aud, t, h),)
+            schema: tuple[IdType, ...] = (t,)
+        else:
+            keys = tuple([(adv, aud, t, h) for t, h in ids])
+            schema = tuple([t for t, _ in ids])
+        if pending:
+            for ck in keys:
+                old = pending.get(ck)
+                if old is not None and self._drop_cell(old, ck[2]):
+                    superseded.append(old)
+        key: BatchKey = (adv, change.action, schema)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = _Buffer(key)
-        row = Row(ref, change, dict(change.identifiers), self._clock(), source=source)
-        row.nbytes = self._row_bytes(row, key[2])
-        buf.rows[id(row)] = row
-        buf.nbytes += row.nbytes
-        self._row_buffer[id(row)] = buf
-        pending = self._pending_cells
-        for ck in row.keys:
+        # The JSON size of the row (`_row_bytes`), inlined: every identifier of a new row is present.
+        nbytes = len(ids) * (_CELL_BYTES + len(aud)) + 3
+        row = Row(ref, change, dict(ids), self._clock(), keys, nbytes, source)
+        rid = id(row)
+        buf.rows[rid] = row
+        buf.nbytes += nbytes
+        self._row_buffer[rid] = buf
+        for ck in keys:
             pending[ck] = row
         self.pending_rows += 1
         return superseded
@@ -200,27 +222,50 @@ class Batcher:
 
     # -- flushing -------------------------------------------------------------------------------------------
 
-    def ready(self, *, limit: int | None = None, force: bool = False, hold: Container[BatchKey] = ()) -> list[Batch]:
+    def ready(
+        self,
+        *,
+        limit: int | None = None,
+        force: bool = False,
+        hold: Container[BatchKey] = (),
+        max_rows: int | None = None,
+    ) -> list[Batch]:
         """Batches whose buffer hit a trigger, at most `limit`; `force` flushes everything sendable.
+
+        A buffer is ready at `self.max_rows` rows, `max_bytes` or linger; a batch cut from it carries up to
+        `max_rows` (default `self.max_rows`; the scheduler passes more when requests are scarce, so that rows per
+        request grow instead of rows waiting). When `limit` is smaller than the number of buffers, of the buffers
+        the one with the oldest sendable row goes first (first come, first served): under a backlog every buffer
+        gets a request within (buffers / QPS) seconds, and the rows it gathered meanwhile ride along, so none is
+        starved by a bigger one that keeps refilling.
 
         Keys in `hold` (backing off after a retryable answer) keep buffering instead: one advertiser's outage must
         not stop the others, and must not multiply requests to the failing one.
         """
         now = self._clock()
+        cap = self.max_rows if max_rows is None else max(1, min(max_rows, MAX_ROWS_LIMIT))
+        bufs = list(self._buffers.values())
+        if limit is not None and len(bufs) > limit:
+            bufs.sort(key=lambda b: b.oldest() if b.rows else float("inf"))
         out: list[Batch] = []
-        for buf in list(self._buffers.values()):
+        for buf in bufs:
             if limit is not None and len(out) >= limit:
                 break
             if buf.key in hold:
                 continue
             trigger = self._trigger(buf, now, force)
             while trigger is not None and (limit is None or len(out) < limit):
-                batch = self._cut(buf, trigger)
+                batch = self._cut(buf, trigger, cap)
                 if batch is None:
                     break
                 out.append(batch)
                 trigger = self._trigger(buf, now, force) if buf.key in self._buffers else None
         return out
+
+    def has_ready(self, *, force: bool = False, hold: Container[BatchKey] = ()) -> bool:
+        """Whether `ready` would cut anything now (blocked rows aside)."""
+        now = self._clock()
+        return any(buf.key not in hold and self._trigger(buf, now, force) for buf in self._buffers.values())
 
     def _trigger(self, buf: _Buffer, now: float, force: bool) -> str | None:
         if not buf.rows:
@@ -233,12 +278,12 @@ class Batcher:
             return "linger"
         return "force" if force else None
 
-    def _cut(self, buf: _Buffer, trigger: str) -> Batch | None:
+    def _cut(self, buf: _Buffer, trigger: str, max_rows: int) -> Batch | None:
         rows: list[Row] = []
         nbytes = 0
         inflight = self._inflight_cells
         free = inflight.keys().isdisjoint
-        max_rows, max_bytes = self.max_rows, self.max_bytes
+        max_bytes = self.max_bytes
         blocked: list[Row] = []
         for row in buf.rows.values():
             if len(rows) >= max_rows or (rows and nbytes + row.nbytes > max_bytes):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 from fastavro import schemaless_reader
@@ -53,9 +53,12 @@ _JSON_TYPE_NAMES: Final[dict[type, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A decoded record: `data` is a dict as JSON would give it (Avro records decode to the same shape)."""
+class Event(NamedTuple):
+    """A decoded record: `data` is a dict as JSON would give it (Avro records decode to the same shape).
+
+    A NamedTuple, not a frozen dataclass: one is made per record, and a frozen dataclass's `__init__` costs
+    several times a tuple's.
+    """
 
     format: str
     data: dict[str, Any]

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, cast
 
 from service.core.events import SEGMENT, Undecodable, decode_event
 from service.core.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
@@ -47,6 +47,7 @@ NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
 
 _AUDIENCE_CLASSES: Final = ("audience", "journey_step")  # a tuple: `in` must not hash arbitrary JSON values
 _EMPTY: Final[dict[str, Any]] = {}
+_ID_CACHE_SIZE: Final = 10_000
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
 _INVALID = DlqReason.INVALID_PAYLOAD
@@ -75,8 +76,7 @@ class ResolverSettings:
     max_record_bytes: int = 1_048_576
 
 
-@dataclass(frozen=True, slots=True)
-class Processed:
+class Processed(NamedTuple):
     """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
 
     outcome: AudienceChange | Skipped | Rejected | AudienceNeeded
@@ -163,6 +163,7 @@ class Resolver:
         # (advertiser id, audience name) → id of an audience created on demand; shared with the audience store.
         self.created_audiences: Mapping[tuple[str, str], str] = {}
         self._schemas = schemas
+        self._ids: dict[str, str] = {}  # raw id string → validated TikTok id (`_id`)
         self._enter = frozenset(settings.enter_event_names)
         self._exit = frozenset(settings.exit_event_names)
         self._default_advertiser = default
@@ -270,32 +271,56 @@ class Resolver:
             if type(fallback) is str and fallback:
                 audience_key = fallback
 
-        # Ids: explicit → personas → mappings (→ default for the advertiser).
-        explicit_aud = _tiktok_id(bag.get("external_audience_id"), f"{bag_name}.external_audience_id")
-        if isinstance(explicit_aud, Rejected):
-            return explicit_aud, ()
-        personas_aud = _tiktok_id(personas.get("external_audience_id"), "context.personas.external_audience_id")
-        if isinstance(personas_aud, Rejected):
-            return personas_aud, ()
-        explicit_adv = _tiktok_id(bag.get("advertiser_id"), f"{bag_name}.advertiser_id")
-        if isinstance(explicit_adv, Rejected):
-            return explicit_adv, ()
+        # Ids: explicit → personas → mappings (→ default for the advertiser). Field names are built only for
+        # an error message; valid ids come from a small cache (the same few ids recur on every record).
+        ids = self._ids
+        explicit_aud = bag.get("external_audience_id")
+        if explicit_aud is not None:
+            explicit_aud = ids.get(explicit_aud) if type(explicit_aud) is str else None
+            if explicit_aud is None:
+                explicit_aud = self._id(bag.get("external_audience_id"), bag_name, ".external_audience_id")
+                if isinstance(explicit_aud, Rejected):
+                    return explicit_aud, ()
+        personas_aud = personas.get("external_audience_id")
+        if personas_aud is not None:
+            personas_aud = ids.get(personas_aud) if type(personas_aud) is str else None
+            if personas_aud is None:
+                personas_aud = self._id(
+                    personas.get("external_audience_id"), "context.personas", ".external_audience_id"
+                )
+                if isinstance(personas_aud, Rejected):
+                    return personas_aud, ()
+        explicit_adv = bag.get("advertiser_id")
+        if explicit_adv is not None:
+            explicit_adv = ids.get(explicit_adv) if type(explicit_adv) is str else None
+            if explicit_adv is None:
+                explicit_adv = self._id(bag.get("advertiser_id"), bag_name, ".advertiser_id")
+                if isinstance(explicit_adv, Rejected):
+                    return explicit_adv, ()
         settings = personas.get("audience_settings")
-        personas_adv = (
-            _tiktok_id(settings.get("advertiserId"), "context.personas.audience_settings.advertiserId")
-            if type(settings) is dict
-            else None
-        )
-        if isinstance(personas_adv, Rejected):
-            return personas_adv, ()
+        personas_adv = settings.get("advertiserId") if type(settings) is dict else None
+        if personas_adv is not None:
+            personas_adv = ids.get(personas_adv) if type(personas_adv) is str else None
+            if personas_adv is None:
+                personas_adv = self._id(
+                    cast(dict[str, Any], settings).get("advertiserId"),
+                    "context.personas.audience_settings",
+                    ".advertiserId",
+                )
+                if isinstance(personas_adv, Rejected):
+                    return personas_adv, ()
 
         # Identifiers.
         ctx_traits = _dict(context.get("traits"))
         email = phone = idfa = aaid = None
         if self._email:
-            email = _first(ctx_traits.get("email"), traits.get("email"), properties.get("email"))
+            email = ctx_traits.get("email")
+            if not _present(email):
+                email = _first(None, traits.get("email"), properties.get("email"))
         if self._phone:
-            phone = _first(ctx_traits.get("phone"), traits.get("phone"), properties.get("phone"))
+            phone = ctx_traits.get("phone")
+            if not _present(phone):
+                phone = _first(None, traits.get("phone"), properties.get("phone"))
         if self._idfa or self._aaid:
             device = context.get("device")
             if type(device) is dict:
@@ -429,6 +454,13 @@ class Resolver:
             elif result is not None:
                 errors.append(result)
         return tuple(ids), tuple(errors)
+
+    def _id(self, value: object, where: str, field: str) -> str | Rejected | None:
+        """`_tiktok_id`, remembering valid string ids (bounded: ids are per audience, not per user)."""
+        result = _tiktok_id(value, where + field)
+        if type(value) is str and type(result) is str and len(self._ids) < _ID_CACHE_SIZE:
+            self._ids[value] = result
+        return result
 
     def _no_identifiers(self, fields: str, errors: tuple[MatchError, ...]) -> Rejected:
         if errors:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 
 class Action(StrEnum):
@@ -35,11 +35,12 @@ class DlqReason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
 
 
-@dataclass(frozen=True, slots=True)
-class AudienceChange:
+class AudienceChange(NamedTuple):
     """One user's membership change in one TikTok audience, identifiers already normalised and hashed.
 
     `identifiers` holds (id_type, sha256 lowercase hex) pairs in `ID_TYPES` order, at most one per type.
+    Immutable like the other outcomes, but a NamedTuple: one is made per record on the hot path, and a frozen
+    dataclass's `__init__` costs several times a tuple's.
     """
 
     advertiser_id: str

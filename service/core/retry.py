@@ -80,6 +80,17 @@ class TokenBucket:
             return 0.0
         return (1.0 - self._tokens) / self.rate
 
+    def available(self) -> int:
+        """Whole tokens that `acquire` would grant right now, without taking any."""
+        self._refill(self._clock())
+        return int(self._tokens)
+
+    def next_token_in(self, after: int = 0) -> float:
+        """Seconds until `acquire` would grant a token once `after` more have been taken (0: one is there now)."""
+        self._refill(self._clock())
+        tokens = self._tokens - after
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def throttled(self) -> bool:
         """TikTok said "too frequent": halve the rate (not below `min_rate`) and drop the saved burst.
 

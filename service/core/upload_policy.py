@@ -19,6 +19,10 @@ Rules, in order (docs/tiktok-api.md §4 for the codes):
   request, not a row: bisecting N rows that all fail costs 2N-1 requests (1,999 for 1,000 rows).
 - too many rows (40061, HTTP 413) → halves, down to one row (a one-row 40061 is a refusal).
 - permission → every row `tiktok_permission`.
+- a rate-limit answer (40100) when TikTok has answered nothing but rate limits for `QUOTA_SUSPECT_S` →
+  `WaitForGate("quota")`: a per-second overrun clears within a second and the limiter has halved its rate by
+  then, so a streak this long means the app's per-minute quota is spent, and TikTok pauses such an app for
+  five minutes (docs/tiktok-api.md §8.1). Retrying every few seconds meanwhile only spends more of the quota.
 - anything retryable → `RetryAfter(delay)` with exponential backoff and jitter, until the retry budget is
   spent, then every row `retries_exhausted`.
 """
@@ -36,6 +40,9 @@ from service.core.retry import Backoff
 # TikTok refuses mappings with these codes for a minute or two after creating an audience (docs/tiktok-api.md §1.5).
 WARMUP_CODES = frozenset({40002, 40007})
 
+# Seconds of nothing but rate-limit answers after which the per-minute quota, not the per-second one, is spent.
+QUOTA_SUSPECT_S = 20.0
+
 
 def bisection_budget(rows: int) -> int:
     """Requests one batch may spend isolating refused rows: enough to find up to 4 bad rows exactly."""
@@ -51,6 +58,7 @@ class BatchFacts:
     now: float
     recently_created: bool  # an audience of the batch was created within the warm-up window
     bisection_left: int  # requests left in the batch's bisection budget
+    rate_limited_for_s: float = 0.0  # how long TikTok has answered only rate limits (app-wide), 0 if it has not
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +90,13 @@ class RetryAfter:
 
 @dataclass(frozen=True, slots=True)
 class WaitForGate:
-    gate: Literal["auth", "endpoint"]
+    gate: Literal["auth", "endpoint", "quota"]
 
 
 Decision = Done | Split | SplitByAudience | DeadLetter | RetryAfter | WaitForGate
 
 
-def decide(answer: Answer, facts: BatchFacts, backoff: Backoff) -> Decision:
+def decide(answer: Answer, facts: BatchFacts, backoff: Backoff, quota_after_s: float = QUOTA_SUSPECT_S) -> Decision:
     """The next step for a batch given TikTok's answer (module docstring: the rules)."""
     v = answer.verdict
     if v is Verdict.SUCCESS:
@@ -113,6 +121,8 @@ def decide(answer: Answer, facts: BatchFacts, backoff: Backoff) -> Decision:
         return Split() if facts.rows > 1 else DeadLetter(DlqReason.TIKTOK_REJECTED)
     if v is Verdict.PERMISSION:
         return DeadLetter(DlqReason.TIKTOK_PERMISSION)
+    if answer.rate_limited and facts.rate_limited_for_s >= quota_after_s:
+        return WaitForGate("quota")
     delay = backoff.delay(facts.attempt, answer.retry_after_s)
     if backoff.exhausted(facts.first_failure_at, facts.now, delay):
         return DeadLetter(DlqReason.RETRIES_EXHAUSTED)

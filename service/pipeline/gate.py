@@ -1,4 +1,5 @@
-"""The upload gate: uploads stop while TikTok refuses our token or the endpoint is not TikTok, and restart alone.
+"""The upload gate: uploads stop while TikTok refuses our token, the endpoint is not TikTok or the app's quota is
+spent, and restart alone.
 
 Neither condition is a property of the rows, so nothing is dead-lettered and no retry budget is spent; the loop
 pauses consumption while the gate is closed (a global pause reason) and `/readyz` reports why.
@@ -8,7 +9,9 @@ Invariants (tests/pipeline/test_gate.py):
 - the probe runs on its own timer for as long as the gate is closed, independent of the batch that closed
   it: a ticket goes to some waiting batch every `retry_s`, and when no batch waits (their partitions were
   revoked, say) the gate opens and the next upload is the probe. So a revoke can never leave it closed;
-- any answer that proves TikTok accepted token and endpoint opens it.
+- any answer that proves TikTok accepted token and endpoint opens it;
+- a quota pause (`quota`: TikTok answered only rate limits for long) probes after `quota_pause_s`, longer than
+  TikTok's 5-minute pause of an app that overran its per-minute quota, instead of every `retry_s`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from service.core.answers import Answer
 
 log = logging.getLogger(__name__)
 
-GateReason = Literal["auth", "endpoint"]
+GateReason = Literal["auth", "endpoint", "quota"]
 
 _WHY = {
     "auth": "TikTok rejected the access token",
     "endpoint": "the TikTok endpoint answered with something that is not TikTok's API (check TIKTOK_API_URL)",
+    "quota": "TikTok has answered only rate limits (40100) for a while: the app's per-minute quota is spent and "
+    "TikTok pauses the app for 5 minutes (lower TIKTOK_MAX_QPS, or ask TikTok for a higher tier)",
 }
 
 
@@ -37,10 +42,12 @@ class UploadGate:
         self,
         retry_s: float,
         *,
+        quota_pause_s: float = 310.0,
         on_change: Callable[[], None] = lambda: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.retry_s = retry_s
+        self.quota_pause_s = quota_pause_s
         self.reason: GateReason | None = None
         self._on_change = on_change
         self._sleep = sleep
@@ -62,8 +69,11 @@ class UploadGate:
                 answer.request_id,
                 extra={"tiktok_code": answer.code, "tiktok_request_id": answer.request_id},
             )
+        if reason == "quota" and self.reason != "quota":
+            m.TIKTOK_QUOTA_PAUSES.inc()
         self.reason = reason
         m.AUTH_OK.set(0 if reason == "auth" else 1)
+        m.TIKTOK_QUOTA_PAUSED.set(1 if reason == "quota" else 0)
         if self._prober is None or self._prober.done():
             self._prober = asyncio.create_task(self._probe_loop(), name="upload-gate-probe")
         self._on_change()
@@ -74,6 +84,7 @@ class UploadGate:
         log.info("TikTok accepts our requests again: resuming")
         self.reason = None
         m.AUTH_OK.set(1)
+        m.TIKTOK_QUOTA_PAUSED.set(0)
         while self._waiters:
             w = self._waiters.popleft()
             if not w.done():
@@ -93,7 +104,7 @@ class UploadGate:
 
     async def _probe_loop(self) -> None:
         while self.reason is not None:
-            await self._sleep(self.retry_s)
+            await self._sleep(self.quota_pause_s if self.reason == "quota" else self.retry_s)
             if self.reason is None:
                 return
             while self._waiters:

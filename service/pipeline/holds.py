@@ -50,6 +50,11 @@ class AudienceHolds:
     def holding(self, audience_key: str | None) -> bool:
         return audience_key is not None and audience_key in self._held
 
+    @property
+    def any_held(self) -> bool:
+        """Whether any key is held (the hot path asks this first: almost always False)."""
+        return bool(self._held)
+
     def queue(self, audience_key: str, src: Any) -> None:
         """A record of a key with held records: it waits behind them."""
         self._held[audience_key].append(src)

@@ -78,14 +78,17 @@ class Router:
     def route(self, src: Source, outcome: Outcome) -> None:
         counts = self.counts
         if isinstance(outcome, AudienceChange):
-            if self.holds.holding(outcome.audience_key):
+            if self.holds.any_held and self.holds.holding(outcome.audience_key):
                 self.holds.queue(cast(str, outcome.audience_key), src)
                 return
             self.guard.ok()
-            counts[("valid", outcome.id_schema)] += 1
-            for old in self.batcher.add(src.ref, outcome, src):
-                counts[("superseded",)] += 1
-                self._finish(old.source)
+            ids = outcome.identifiers
+            counts[("valid", (ids[0][0],) if len(ids) == 1 else outcome.id_schema)] += 1
+            superseded = self.batcher.add(src.ref, outcome, src)
+            if superseded:
+                counts[("superseded",)] += len(superseded)
+                for old in superseded:
+                    self._finish(old.source)
         elif isinstance(outcome, Skipped):
             counts[("skipped", outcome.reason)] += 1
             self._finish(src)
@@ -141,28 +144,37 @@ class Intake:
         self.registry_retry_s = registry_retry_s
         self._sleep = sleep
         self._rewound: dict[TopicPartition, int] = {}
+        self._tps: dict[tuple[str, int], TopicPartition] = {}
 
     def forget(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
             self._rewound.pop(tp, None)
 
     async def process(self, msgs: list[SourceMessage]) -> None:
+        """One consume batch: a tight loop per record, metrics summed once per batch (`Router.flush_counts`)."""
         ledger, route, resolver, counts = self.ledger, self.router.route, self.resolver, self.router.counts
+        process, track = resolver.process, ledger.track
         skip: set[TopicPartition] = set()
         resets = ledger.resets
+        tps = self._tps
+        consumed: dict[str, int] = {}
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            tp = TopicPartition(msg.topic() or "", msg.partition() or 0)
+            topic, partition = msg.topic() or "", msg.partition() or 0
+            tp = tps.get((topic, partition))
+            if tp is None:
+                tp = tps[(topic, partition)] = TopicPartition(topic, partition)
+            offset = msg.offset() or 0
             if skip or self._rewound:  # rare: a schema fetch rewound a partition
                 if tp in skip:
                     continue
                 rewound_to = self._rewound.get(tp)
                 if rewound_to is not None:
-                    if msg.offset() != rewound_to:
+                    if offset != rewound_to:
                         continue  # fetched before the seek: the partition is re-read from `rewound_to`
                     del self._rewound[tp]
             value, headers = msg.value(), cast(Headers | None, msg.headers())
@@ -171,11 +183,11 @@ class Intake:
                 if skip_reason is not None:
                     src = self._accept(msg, tp, headers)
                     if src is not None:
-                        counts[("consumed", tp.topic)] += 1
+                        consumed[topic] = consumed.get(topic, 0) + 1
                         route(src, Skipped(skip_reason))
                     continue
             try:
-                processed = resolver.process(value, headers)
+                processed = process(value, headers)
             except SchemaNotLoaded as exc:
                 if self.schema_fetcher is None:
                     processed = Processed(
@@ -188,14 +200,22 @@ class Intake:
                     )
                 else:
                     skip.add(tp)
-                    await self._fetch_schema_later(tp, msg.offset() or 0, exc.schema_id)
+                    await self._fetch_schema_later(tp, offset, exc.schema_id)
                     continue
-            src = self._accept(msg, tp, headers)
-            if src is not None:
-                counts[("consumed", tp.topic)] += 1
+            # Track before anything can finish it (inlined `_accept`: this runs once per record).
+            ref = RecordRef(topic, partition, offset)
+            ts_type, ts = msg.timestamp()
+            key = msg.key()
+            src = Source(ref, key.encode() if isinstance(key, str) else key, value, headers, ts if ts_type else None)
+            if not track(ref, src):
+                continue  # revoked while intake was suspended: the new owner consumes it
+            consumed[topic] = consumed.get(topic, 0) + 1
+            if processed.match_errors:
                 for me in processed.match_errors:
                     counts[("match_error", me.id_type, me.reason)] += 1
-                route(src, processed.outcome)
+            route(src, processed.outcome)
+        for topic, n in consumed.items():
+            counts[("consumed", topic)] += n
         if ledger.resets != resets:
             log.error(
                 "offsets went backwards on a partition (topic recreated or offsets reset): %d times so far; "

@@ -64,7 +64,10 @@ class PipelineOptions:
     drain_timeout_s: float = 20.0
     revoke_timeout_s: float = 10.0
     auth_retry_s: float = 15.0
-    max_qps: float = 40.0
+    max_qps: float = 8.0
+    max_rows_scarce: int = 10_000  # rows per request while the QPS cap or the in-flight slots bind
+    quota_pause_s: float = 310.0  # TikTok pauses an app that overran its per-minute quota for 5 minutes
+    quota_after_s: float = 20.0  # only rate-limit answers for this long: the per-minute quota is spent
     registry_retry_s: float = 5.0
     audience_warmup_s: float = 180.0
     # Replay runs until the topic is drained: stop after this long with nothing consumed and nothing pending.
@@ -104,7 +107,9 @@ class Pipeline:
         self._closing = False
         self.started = False
         self.heartbeat = clock()
-        self.gate = UploadGate(options.auth_retry_s, on_change=self._changed, sleep=sleep)
+        self.gate = UploadGate(
+            options.auth_retry_s, quota_pause_s=options.quota_pause_s, on_change=self._changed, sleep=sleep
+        )
         self.dead_letters = DeadLetterWriter(
             dlq,
             dlq_topic,
@@ -149,6 +154,8 @@ class Pipeline:
             backoff=backoff,
             bucket=TokenBucket(options.max_qps, clock=clock),
             max_inflight=options.max_inflight,
+            max_rows_scarce=options.max_rows_scarce,
+            quota_after_s=options.quota_after_s,
             recently_created=self._recently_created,
             clock=clock,
             sleep=sleep,
@@ -308,16 +315,22 @@ class Pipeline:
             self.ledger.finish(src.ref, src)
 
     def uploaded(self, rows: list[Row]) -> None:
+        """A batch landed: finish its records; latency and counts are recorded once for the batch."""
         self.dead_letters.guard.ok()
         now_ms = self.wall() * 1000
         m.LAST_UPLOAD.set(now_ms / 1000)
         if rows:
             m.EVENTS_UPLOADED.labels(rows[0].change.action.value).inc(len(rows))
+        latencies = []
+        finish = self.ledger.finish
         for row in rows:
-            t = row.change.event_time_ms or (row.source.timestamp_ms if row.source else None)
+            src = row.source
+            t = row.change.event_time_ms or (src.timestamp_ms if src is not None else None)
             if t:
-                m.EVENT_TO_ACK.observe(max(0.0, (now_ms - t) / 1000))
-            self._finish(row.source)
+                latencies.append(max(0.0, (now_ms - t) / 1000))
+            if src is not None:
+                finish(src.ref, src)
+        m.observe_many(m.EVENT_TO_ACK, latencies)
 
     def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]:
         return self.dead_letters.write(source, letter)

@@ -30,6 +30,7 @@ from service.core.dead_letters import DeadLetter
 from service.core.model import DlqReason
 from service.core.retry import Backoff, TokenBucket
 from service.core.upload_policy import (
+    QUOTA_SUSPECT_S,
     BatchFacts,
     Done,
     RetryAfter,
@@ -74,6 +75,8 @@ class UploadScheduler:
         backoff: Backoff,
         bucket: TokenBucket,
         max_inflight: int,
+        max_rows_scarce: int | None = None,
+        quota_after_s: float = QUOTA_SUSPECT_S,
         recently_created: Callable[[Batch], bool],
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -85,6 +88,11 @@ class UploadScheduler:
         self.backoff = backoff
         self.bucket = bucket
         self.max_inflight = max_inflight
+        self.max_rows_scarce = max(batcher.max_rows, max_rows_scarce or batcher.max_rows)
+        self.quota_after_s = quota_after_s
+        self.scarce = False  # requests are the bottleneck: batches grow toward `max_rows_scarce`
+        self._token_due: float | None = None  # when to dispatch again because a token will be available
+        self._limited_since: float | None = None  # first of an unbroken run of rate-limit answers (app-wide)
         self._recently_created = recently_created
         self._clock = clock
         self._sleep = sleep
@@ -95,6 +103,7 @@ class UploadScheduler:
         self._wake = asyncio.Event()
         self.force = 0  # > 0 while a drain or revoke wants everything flushed now
         m.RATE_LIMIT_QPS.set(bucket.rate)
+        m.BATCH_ROWS_LIMIT.set(batcher.max_rows)
 
     # -- dispatch -------------------------------------------------------------------------------------------
 
@@ -102,9 +111,11 @@ class UploadScheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        """The dispatcher: sleep until a buffer lingers out or something changed, then cut what is ready."""
+        """The dispatcher: sleep until a buffer lingers out, a token is due, or something changed; cut what is ready."""
         while True:
             deadline = self.batcher.next_deadline(self._backing_off)
+            if self._token_due is not None:
+                deadline = self._token_due if deadline is None else min(deadline, self._token_due)
             timeout = None if deadline is None else max(0.0, deadline - self._clock()) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -112,17 +123,44 @@ class UploadScheduler:
             self.dispatch()
 
     def dispatch(self) -> None:
+        """Cut as many batches as there are free slots and tokens now, never more.
+
+        A batch is cut only when it can be sent at once: rows wait in their buffers, not in cut batches queued on
+        the limiter. So when requests are scarce (the QPS cap or the in-flight slots bind while buffers are ready)
+        the rows that arrive meanwhile make the next request bigger, up to `max_rows_scarce` (TikTok's 10,000):
+        the drain rate follows QPS x rows per request instead of stopping at QPS x `BATCH_MAX_ROWS`. With
+        requests to spare, batches leave at `BATCH_MAX_ROWS` or at linger as before, so a trickle stays small
+        and fast.
+        """
+        self._token_due = None
         if not self.gate.is_open:
             return
-        free = self.max_inflight - self._sending
-        if free <= 0:
-            return
-        for batch in self.batcher.ready(limit=free, force=self.force > 0, hold=self._backing_off):
+        hold, force = self._backing_off, self.force > 0
+        slots = self.max_inflight - self._sending
+        tokens = self.bucket.available()
+        free = min(slots, tokens)
+        batches: list[Batch] = []
+        if free > 0:
+            cap = self.max_rows_scarce if self.scarce else self.batcher.max_rows
+            batches = self.batcher.ready(limit=free, force=force, hold=hold, max_rows=cap)
+        if len(batches) < free:
+            self._scarce(False)
+        elif self.batcher.has_ready(force=force, hold=hold):
+            self._scarce(True)
+            if tokens <= slots:  # the limiter binds: come back when it grants (a finishing request wakes us too)
+                self._token_due = self._clock() + self.bucket.next_token_in(after=len(batches))
+        for batch in batches:
+            granted = self.bucket.acquire() == 0
             m.BATCHES_SENT.labels(batch.action.value, batch.trigger).inc()
             m.ROWS_SENT.labels(batch.action.value).inc(len(batch.rows))
             m.BATCH_ROWS.observe(len(batch.rows))
             self._sending += 1
-            self.spawn(self._send(batch, counted=True))
+            self.spawn(self._send(batch, counted=True, token=granted))
+
+    def _scarce(self, scarce: bool) -> None:
+        if scarce != self.scarce:
+            self.scarce = scarce
+            m.BATCH_ROWS_LIMIT.set(self.max_rows_scarce if scarce else self.batcher.max_rows)
 
     def spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)
@@ -136,26 +174,36 @@ class UploadScheduler:
 
     # -- one batch to its outcome ---------------------------------------------------------------------------
 
-    async def _send(self, batch: Batch, *, counted: bool = False) -> None:
+    async def _send(self, batch: Batch, *, counted: bool = False, token: bool = False) -> None:
         first_failure: float | None = None
         attempt = 0
         try:
             while True:
+                if not counted and not self.gate.is_open:
+                    await self.gate.wait_turn()  # a retry that woke during an outage or quota pause waits for it
                 if not counted:
                     self._sending += 1
                     counted = True
-                answer = await self._post(batch)
+                answer = await self._post(batch, token=token)
+                token = False
                 self._sending -= 1
                 counted = False
                 self._wake.set()
                 if answer is None:
                     return  # nothing of it is live any more: its partitions were revoked
                 if answer.verdict is Verdict.SUCCESS:  # the hot path: no facts to gather
+                    self._limited_since = None
                     self.gate.open()
                     self._uploaded(batch)
                     return
                 if answer.verdict not in (Verdict.AUTH, Verdict.ENDPOINT) and answer.code is not None:
-                    self.gate.open()  # TikTok answered as TikTok and took the token
+                    if not answer.rate_limited:
+                        self._limited_since = None
+                        self.gate.open()  # TikTok answered as TikTok and took the token
+                    elif self.gate.reason != "quota":
+                        self.gate.open()
+                if answer.rate_limited and self._limited_since is None:
+                    self._limited_since = self._clock()
                 retrying = answer.verdict is Verdict.RETRY
                 now = self._clock()
                 if retrying and first_failure is None:
@@ -168,8 +216,9 @@ class UploadScheduler:
                     now=now,
                     recently_created=self._recently_created(batch),
                     bisection_left=batch.budget.left if batch.budget is not None else bisection_budget(len(batch.rows)),
+                    rate_limited_for_s=now - self._limited_since if self._limited_since is not None else 0.0,
                 )
-                d = decide(answer, facts, self.backoff)
+                d = decide(answer, facts, self.backoff, self.quota_after_s)
                 if isinstance(d, Done):
                     self._uploaded(batch)
                     return
@@ -238,9 +287,12 @@ class UploadScheduler:
             self.batcher.release([r for r in batch.rows if not is_live(r)])
             batch.rows = live
 
-    async def _post(self, batch: Batch) -> Answer | None:
-        """Send once; None when no row is live at the moment the request would start."""
-        while (wait := self.bucket.acquire()) > 0:
+    async def _post(self, batch: Batch, *, token: bool = False) -> Answer | None:
+        """Send once; None when no row is live at the moment the request would start.
+
+        `token`: the dispatcher already took this request's token (first attempts); retries and halves wait.
+        """
+        while not token and (wait := self.bucket.acquire()) > 0:
             m.RATE_LIMIT_WAIT.inc(wait)
             await self._sleep(wait)
         m.RATE_LIMIT_QPS.set(self.bucket.rate)  # it recovers additively after a rate-limit answer

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from service.core.answers import Answer, Verdict
-from service.tiktok.client import TikTokClient
+from service.tiktok.client import ControlLimiter, TikTokClient
 
 NAME_MAX = 70  # TikTok keeps at most 70 characters of an audience name (segment/audience doc)
 GET_MAX_IDS = 100  # `custom_audience_ids` per dmp/custom_audience/get request
@@ -211,7 +211,11 @@ class AudiencesApi:
 
 
 @asynccontextmanager
-async def open_api(base_url: str, token: Callable[[], str], *, timeout_s: float = 10.0) -> AsyncIterator[AudiencesApi]:
-    """A short-lived session for a command-line run (the service keeps its own long-lived one)."""
+async def open_api(
+    base_url: str, token: Callable[[], str], *, timeout_s: float = 10.0, control_qps: float | None = None
+) -> AsyncIterator[AudiencesApi]:
+    """A short-lived session for a command-line run (the service keeps its own long-lived one); `control_qps`
+    paces its calls, since a command run next to the service spends the same per-app budget."""
+    control = ControlLimiter(control_qps) if control_qps is not None else None
     async with aiohttp.ClientSession() as session:
-        yield AudiencesApi(TikTokClient(session, base_url, token, timeout_s=timeout_s))
+        yield AudiencesApi(TikTokClient(session, base_url, token, timeout_s=timeout_s, control=control))

@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 
+from service import metrics as m
 from service.core.answers import Answer, Verdict, classify
+from service.core.retry import TokenBucket
 
 MAX_MESSAGE = 200
+
+
+class ControlLimiter:
+    """Paces control-plane calls (audience create, get and list, user and advertiser info).
+
+    TikTok's rate limit is per developer app and covers every endpoint (docs/tiktok-api.md §8.1), so these
+    calls spend the same budget as uploads; the uploads' limiter (TIKTOK_MAX_QPS) leaves them
+    `TIKTOK_CONTROL_QPS` of room. Burst 1: never more than `qps` + 1 in any second. One limiter is shared by
+    every client of a process.
+    """
+
+    def __init__(
+        self,
+        qps: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._bucket = TokenBucket(qps, clock=clock, burst=1.0, min_rate=qps)
+        self._sleep = sleep
+
+    async def turn(self) -> None:
+        while (wait := self._bucket.acquire()) > 0:
+            m.CONTROL_RATE_LIMIT_WAIT.inc(wait)
+            await self._sleep(wait)
 
 
 class TikTokClient:
@@ -22,7 +50,9 @@ class TikTokClient:
         token: Callable[[], str],
         *,
         timeout_s: float = 10.0,
+        control: ControlLimiter | None = None,
     ) -> None:
+        self._control = control
         self._session = session
         self._base = base_url.rstrip("/")
         self._token = token
@@ -32,9 +62,15 @@ class TikTokClient:
         return await self._call("POST", "/segment/mapping/", data=body)
 
     async def post_json(self, path: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
+        """A control-plane POST: paced by the control limiter when there is one."""
+        if self._control is not None:
+            await self._control.turn()
         return await self._call_with_data("POST", path, data=orjson.dumps(payload))
 
     async def get(self, path: str, params: dict[str, str]) -> tuple[Answer, dict[str, Any]]:
+        """A control-plane GET: paced by the control limiter when there is one."""
+        if self._control is not None:
+            await self._control.turn()
         return await self._call_with_data("GET", path, params=params)
 
     async def _call(self, method: str, path: str, **kw: Any) -> Answer:

@@ -346,3 +346,39 @@ def _random_traffic(seed: int) -> None:
             b.release(inflight.pop().rows)
     assert b.pending_rows == 0, f"seed {seed}: rows stranded"
     assert b.inflight_cells == 0
+
+
+def test_a_cut_may_carry_more_than_max_rows_when_the_scheduler_asks() -> None:
+    """`max_rows` is when a buffer is ready; the scheduler raises the cut's size when requests are scarce."""
+    b, _ = make(max_rows=2)
+    for i in range(7):
+        b.add(ref(i), change(Action.ADD, ("EMAIL_SHA256", f"{i:064x}")))
+    assert b.has_ready()
+    [batch] = b.ready(limit=1, max_rows=5)
+    assert [r.ref.offset for r in batch.rows] == [0, 1, 2, 3, 4]
+    assert b.has_ready(), "2 rows left: still at max_rows"
+    [rest] = b.ready(limit=1, max_rows=5)
+    assert len(rest.rows) == 2 and not b.has_ready()
+    b.add(ref(9), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    assert not b.has_ready() and b.has_ready(force=True)
+
+
+def test_a_scarce_request_goes_to_the_buffer_with_the_oldest_row_not_the_biggest() -> None:
+    b, clock = make(max_rows=2, linger_s=1.0)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1), adv="7000000000000000002"))  # small, oldest
+    clock.t = 0.5
+    for i in range(1, 9):
+        b.add(ref(i), change(Action.ADD, ("EMAIL_SHA256", f"{i:064x}")))  # big, newer
+    clock.t = 1.0
+    [first] = b.ready(limit=1, max_rows=100)
+    assert first.advertiser_id == "7000000000000000002"
+    [second] = b.ready(limit=1, max_rows=100)
+    assert second.advertiser_id == ADV and len(second.rows) == 8
+
+
+def test_has_ready_ignores_held_keys() -> None:
+    b, _ = make(max_rows=1)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    [key] = [batch.key for batch in b.ready(force=True)]
+    b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
+    assert b.has_ready() and not b.has_ready(hold={key})

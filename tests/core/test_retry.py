@@ -87,3 +87,14 @@ def test_concurrent_rate_limited_answers_halve_the_rate_once() -> None:
     clock.t += 1.0
     assert bucket.throttled(), "a limit hit again a window later is a new signal"
     assert bucket.rate == pytest.approx(10.0, abs=0.001)
+
+
+def test_available_and_next_token_in_do_not_take_tokens() -> None:
+    clock = Clock()
+    bucket = TokenBucket(4.0, clock=clock, burst=2)
+    assert bucket.available() == 2 and bucket.available() == 2
+    assert bucket.next_token_in() == 0 and bucket.next_token_in(after=2) == 0.25
+    assert bucket.acquire() == 0 and bucket.acquire() == 0
+    assert bucket.available() == 0 and bucket.next_token_in() == 0.25
+    clock.t += 0.25
+    assert bucket.available() == 1

@@ -16,6 +16,7 @@ from service.core.batcher import SplitBudget
 from service.core.model import DlqReason
 from service.core.retry import Backoff
 from service.core.upload_policy import (
+    QUOTA_SUSPECT_S,
     BatchFacts,
     DeadLetter,
     Decision,
@@ -331,3 +332,22 @@ def test_bisection_of_one_row_costs_one_request() -> None:
     out = bisect(1, [0])
     assert out.requests == 1
     assert out.dead == {0: DeadLetter(DlqReason.TIKTOK_REJECTED)}
+
+
+# -- the per-minute quota -------------------------------------------------------------------------------------
+
+
+def test_a_rate_limit_answer_retries_while_the_streak_is_short() -> None:
+    d = run(answer(200, 40100), facts(rate_limited_for_s=QUOTA_SUSPECT_S - 1))
+    assert isinstance(d, RetryAfter) and d.rate_limited
+
+
+def test_a_rate_limit_streak_past_the_threshold_waits_out_the_quota_pause() -> None:
+    assert run(answer(200, 40100), facts(rate_limited_for_s=QUOTA_SUSPECT_S)) == WaitForGate("quota")
+    assert decide(answer(200, 40100), facts(rate_limited_for_s=0.3), backoff(), quota_after_s=0.2) == WaitForGate(
+        "quota"
+    )
+
+
+def test_a_long_outage_that_is_not_a_rate_limit_is_not_a_quota_pause() -> None:
+    assert isinstance(run(answer(503, None), facts(rate_limited_for_s=100.0)), RetryAfter)

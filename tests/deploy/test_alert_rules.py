@@ -36,6 +36,7 @@ RUNBOOK_ANCHORS = {
     "runbook-audience-too-small",
     "runbook-audience-invalid",
     "runbook-audience-expiring",
+    "runbook-quota",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"

@@ -486,10 +486,14 @@ def test_max_replicas_is_the_partition_count_and_qps_is_split_between_replicas()
     assert spec["spec"]["maxReplicaCount"] == partitions, "replicas beyond the partition count sit idle"
     command = " ".join(compose()["services"]["kafka-init"]["command"])
     assert f"--topic audience-membership --partitions {partitions} " in command
-    qps = float(env_configmap()["TIKTOK_MAX_QPS"])
-    assert qps * partitions <= 50, "TIKTOK_MAX_QPS x maxReplicaCount stays within TikTok's ~50 QPS per app"
+    env = env_configmap()
+    qps = float(env["TIKTOK_MAX_QPS"]) + float(env["TIKTOK_CONTROL_QPS"])
+    basic_tier = 10
+    assert qps * partitions <= basic_tier - 1, (
+        "(TIKTOK_MAX_QPS + TIKTOK_CONTROL_QPS) x maxReplicaCount stays inside TikTok's Basic tier with 1 QPS spare"
+    )
     text = (K8S / "configmap.yaml").read_text()
-    assert "TIKTOK_MAX_QPS (per replica) = app-wide QPS budget / maxReplicaCount" in text
+    assert "(TIKTOK_MAX_QPS + TIKTOK_CONTROL_QPS) x maxReplicaCount (scaledobject.yaml) <= tier QPS - 1" in text
 
 
 def test_prometheusrule_equals_alerts_yml() -> None:

@@ -348,7 +348,9 @@ def test_request_rate_stays_under_tiktok_max_qps(
     events = unique_events(45, AUD_A, "qps")
     with sandbox() as sb:
         send(broker, topics, events)
-        svc = services(service_env(sb.url, **FAST, TIKTOK_MAX_QPS=str(qps), BATCH_MAX_ROWS="1"))
+        svc = services(
+            service_env(sb.url, **FAST, TIKTOK_MAX_QPS=str(qps), BATCH_MAX_ROWS="1", BATCH_MAX_ROWS_CEILING="1")
+        )
         wait_until(lambda: membership(sb) == expected_membership(events), 60, "all single-row batches uploaded")
         times = [float(r["t"]) for r in sb.state.requests(MAPPING)]
         assert len(times) >= len(events)

@@ -3,13 +3,18 @@
 Pure and seedable (`random.Random(seed)`, times passed in), so a test that injects "30 % of calls fail" sees
 the same sequence on every run. JSON shape, either a bare list of rules or an object:
 
-    {"seed": 7, "rate_limit_qps": 50, "rate_limit_path": "/segment/mapping/",
+    {"seed": 7, "rate_limit_qps": 50, "rate_limit_qpm": 600, "quota_pause_s": 300, "rate_limit_path": "*",
      "rules": [{"kind": "code", "code": 40100, "probability": 0.3, "count": 5, "advertiser_id": "123"},
                {"kind": "http", "status": 502, "html": true}, {"kind": "slow", "delay_s": 0.5},
                {"kind": "timeout"}, {"kind": "reset", "path": "*"}]}
 
 `path` is relative to `/open_api/v1.3` (default `/segment/mapping/`; `*` matches every TikTok path). The first
 rule that matches and fires wins; the rate limit is checked only when no rule fired.
+
+The rate limit models TikTok's per-app budget (docs/tiktok-api.md §8.1): at most `rate_limit_qps` requests in
+any 1 s window and `rate_limit_qpm` in any 60 s window on `rate_limit_path`; a refused request gets 40100 and
+does not count. Overrunning the minute budget pauses the app: every request on the path is refused for
+`quota_pause_s` (TikTok: 5 minutes). `refused` counts refusals by cause, so tests can show a client stays under.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ _RULE_KEYS: Final = frozenset(
     | {"retry_after_s"}
     | {"fired"}  # ignored: lets a plan read from GET /_sandbox/faults be posted back
 )
-_PLAN_KEYS: Final = frozenset({"rules", "seed", "rate_limit_qps", "rate_limit_path"})
+_PLAN_KEYS: Final = frozenset(
+    {"rules", "seed", "rate_limit_qps", "rate_limit_qpm", "quota_pause_s", "rate_limit_path"}
+    | {"refused"}  # ignored, like a rule's `fired`
+)
+QUOTA_PAUSE_S: Final = 300.0
 
 
 def _num(d: Mapping[str, object], key: str, default: float | None) -> float | None:
@@ -175,17 +184,27 @@ class FaultPlan:
         rules: Iterable[FaultRule] = (),
         *,
         rate_limit_qps: float | None = None,
+        rate_limit_qpm: float | None = None,
+        quota_pause_s: float = QUOTA_PAUSE_S,
         rate_limit_path: str = MAPPING_PATH,
         seed: int | None = None,
     ) -> None:
-        if rate_limit_qps is not None and rate_limit_qps <= 0:
-            raise ValueError("rate_limit_qps: must be > 0")
+        for name, value in (("rate_limit_qps", rate_limit_qps), ("rate_limit_qpm", rate_limit_qpm)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if quota_pause_s < 0:
+            raise ValueError("quota_pause_s: must be >= 0")
         self.rules = list(rules)
         self.rate_limit_qps = rate_limit_qps
+        self.rate_limit_qpm = rate_limit_qpm
+        self.quota_pause_s = quota_pause_s
         self.rate_limit_path = rate_limit_path
         self.seed = seed
         self._rng = random.Random(seed)
-        self._admitted: deque[float] = deque()
+        self._second: deque[float] = deque()  # admitted in the last second
+        self._minute: deque[float] = deque()  # admitted in the last minute
+        self._paused_until: float | None = None
+        self.refused: dict[str, int] = {"qps": 0, "qpm": 0, "paused": 0}
 
     @classmethod
     def from_json(cls, obj: object, *, seed: int | None = None) -> FaultPlan:
@@ -202,10 +221,14 @@ class FaultPlan:
             raise ValueError("fault plan rules: must be a list")
         file_seed = _int(obj, "seed")
         qps = _num(obj, "rate_limit_qps", None)
+        qpm = _num(obj, "rate_limit_qpm", None)
+        pause = _num(obj, "quota_pause_s", QUOTA_PAUSE_S)
         path = _opt_str(obj, "rate_limit_path") or MAPPING_PATH
         return cls(
             [FaultRule.from_dict(r) for r in rules],
             rate_limit_qps=qps,
+            rate_limit_qpm=qpm,
+            quota_pause_s=pause if pause is not None else QUOTA_PAUSE_S,
             rate_limit_path=path,
             seed=seed if seed is not None else file_seed,
         )
@@ -214,7 +237,10 @@ class FaultPlan:
         return {
             "seed": self.seed,
             "rate_limit_qps": self.rate_limit_qps,
+            "rate_limit_qpm": self.rate_limit_qpm,
+            "quota_pause_s": self.quota_pause_s,
             "rate_limit_path": self.rate_limit_path,
+            "refused": dict(self.refused),
             "rules": [r.to_dict() for r in self.rules],
         }
 
@@ -240,12 +266,30 @@ class FaultPlan:
         return self._rate_limit(path, now)
 
     def _rate_limit(self, path: str, now: float) -> Fault | None:
-        """Admit at most `rate_limit_qps` requests in any 1 s window; refused ones do not fill the window."""
-        if self.rate_limit_qps is None or self.rate_limit_path not in (ANY_PATH, path):
+        """TikTok's per-app budget (module docstring): 1 s and 60 s sliding windows, and the quota pause."""
+        if (self.rate_limit_qps is None and self.rate_limit_qpm is None) or self.rate_limit_path not in (
+            ANY_PATH,
+            path,
+        ):
             return None
-        while self._admitted and self._admitted[0] <= now - 1.0:
-            self._admitted.popleft()
-        if len(self._admitted) + 1 > self.rate_limit_qps:
-            return Fault(kind="code", source="rate_limit", code=REQUEST_TOO_FREQUENT, message=RATE_LIMIT_MESSAGE)
-        self._admitted.append(now)
+        if self._paused_until is not None:
+            if now < self._paused_until:
+                return self._refuse("paused")
+            self._paused_until = None
+        second, minute = self._second, self._minute
+        while second and second[0] <= now - 1.0:
+            second.popleft()
+        while minute and minute[0] <= now - 60.0:
+            minute.popleft()
+        if self.rate_limit_qps is not None and len(second) + 1 > self.rate_limit_qps:
+            return self._refuse("qps")
+        if self.rate_limit_qpm is not None and len(minute) + 1 > self.rate_limit_qpm:
+            self._paused_until = now + self.quota_pause_s
+            return self._refuse("qpm")
+        second.append(now)
+        minute.append(now)
         return None
+
+    def _refuse(self, cause: str) -> Fault:
+        self.refused[cause] += 1
+        return Fault(kind="code", source="rate_limit", code=REQUEST_TOO_FREQUENT, message=RATE_LIMIT_MESSAGE)

@@ -144,6 +144,11 @@ class SandboxThread:
     def port(self) -> int:
         return self._server.port
 
+    @property
+    def faults(self) -> FaultPlan | None:
+        """The plan in force (its `refused` counts show whether a client stayed inside the rate budget)."""
+        return self._server.faults
+
     def set_faults(self, plan: FaultPlan | dict[str, object] | list[object] | None) -> None:
         self._server.set_faults(plan)
 
@@ -235,7 +240,17 @@ def _parser() -> argparse.ArgumentParser:
         help="create unknown audiences a mapping request names under a known advertiser (default: refuse)",
     )
     p.add_argument("--faults", metavar="FILE.json", help="fault plan (see service/devtools/sandbox/faults.py)")
-    p.add_argument("--rate-limit-qps", type=float, help="answer 40100 above this many mapping calls per second")
+    p.add_argument("--rate-limit-qps", type=float, help="answer 40100 above this many calls per second")
+    p.add_argument(
+        "--rate-limit-qpm",
+        type=float,
+        help="answer 40100 above this many calls per minute, then to every call for --quota-pause-s (TikTok's budget)",
+    )
+    p.add_argument("--quota-pause-s", type=float, help="seconds an app is refused after a QPM overrun (default 300)")
+    p.add_argument(
+        "--rate-limit-path",
+        help="path the rate limit applies to, relative to /open_api/v1.3 (default /segment/mapping/; * for all)",
+    )
     p.add_argument("--seed", type=int, help="seed of the fault plan's random choices")
     p.add_argument("--max-rows", type=int, default=10_000, help="rows per mapping request before 40061")
     p.add_argument(
@@ -248,18 +263,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_plan(args: argparse.Namespace) -> FaultPlan | None:
-    if args.faults is None and args.rate_limit_qps is None:
+    limits = (args.rate_limit_qps, args.rate_limit_qpm, args.quota_pause_s, args.rate_limit_path)
+    if args.faults is None and all(v is None for v in limits):
         return None
     raw: object = []
     if args.faults is not None:
         with open(args.faults, encoding="utf-8") as f:
             raw = json.load(f)
     plan = FaultPlan.from_json(raw, seed=args.seed)
-    if args.rate_limit_qps is not None:
+    if any(v is not None for v in limits):
         plan = FaultPlan(
             plan.rules,
-            rate_limit_qps=args.rate_limit_qps,
-            rate_limit_path=plan.rate_limit_path,
+            rate_limit_qps=args.rate_limit_qps if args.rate_limit_qps is not None else plan.rate_limit_qps,
+            rate_limit_qpm=args.rate_limit_qpm if args.rate_limit_qpm is not None else plan.rate_limit_qpm,
+            quota_pause_s=args.quota_pause_s if args.quota_pause_s is not None else plan.quota_pause_s,
+            rate_limit_path=args.rate_limit_path or plan.rate_limit_path,
             seed=plan.seed,
         )
     return plan

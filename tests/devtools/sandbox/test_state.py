@@ -255,3 +255,25 @@ def test_rate_limit_sliding_window() -> None:
     verdicts = [plan.decide("/segment/mapping/", [], t) for t in times]
     assert [v.code if v else 0 for v in verdicts] == [0, 0, 0, 40100, 40100, 0, 0, 0]
     assert plan.decide("/user/info/", [], 1.25) is None  # other paths are not limited
+
+
+def test_minute_budget_overrun_pauses_the_app_for_the_quota_pause() -> None:
+    """TikTok's Basic tier in miniature: 5 per minute; the 6th call starts the pause, which refuses every call
+    on the path (even a per-second-legal one) until it is over, and then the minute window applies again."""
+    plan = FaultPlan(rate_limit_qps=10, rate_limit_qpm=5, quota_pause_s=30, rate_limit_path="*")
+    ok = [plan.decide("/segment/mapping/", [], float(t)) for t in range(5)]
+    assert ok == [None] * 5
+    sixth = plan.decide("/user/info/", [], 5.0)
+    assert sixth is not None and sixth.code == 40100 and sixth.source == "rate_limit"
+    assert plan.decide("/segment/mapping/", [], 34.9) is not None, "paused for 30 s"
+    assert plan.refused == {"qps": 0, "qpm": 1, "paused": 1}
+    assert plan.decide("/segment/mapping/", [], 35.0) is not None, "pause over, but 5 calls still in the minute"
+    assert plan.decide("/segment/mapping/", [], 65.5) is None, "the minute window has moved on"
+
+
+def test_minute_budget_round_trips_through_json() -> None:
+    plan = FaultPlan.from_json({"rate_limit_qpm": 600, "quota_pause_s": 12, "rate_limit_path": "*"})
+    again = FaultPlan.from_json(plan.to_json())
+    assert (again.rate_limit_qpm, again.quota_pause_s, again.rate_limit_path) == (600, 12, "*")
+    with pytest.raises(ValueError, match="rate_limit_qpm"):
+        FaultPlan(rate_limit_qpm=0)
