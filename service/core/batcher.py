@@ -1,7 +1,10 @@
 """Micro-batching of audience changes into `segment/mapping` requests. Pure: no I/O, injected clock.
 
-Buffers are keyed by (advertiser, action, id_schema): one request carries one advertiser, one action and one
-column layout, and may mix audiences of that advertiser.
+Buffers are keyed by (advertiser, action): one request carries one advertiser and one action, and may mix
+audiences of that advertiser and users with different identifier types. Its `id_schema` is the union of its rows'
+types in `ID_TYPES` order, and a row without a type of the schema has `{}` there (docs/tiktok-api.md §1.4, §6.1).
+Keying by identifier types too would split mixed traffic into up to 15 buffers per action, each needing its own
+requests: under TikTok's request budget that multiplied latency and shrank requests.
 
 TikTok's membership state is per (audience, identifier type, hash) cell, so ordering is kept per cell:
 - a newer change for a pending cell replaces the older one wherever it waits (net change, also across the add
@@ -21,10 +24,10 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from service.core.model import Action, AudienceChange, IdType
+from service.core.model import ID_TYPES, Action, AudienceChange, IdType
 from service.core.types import RecordRef, TopicPartition
 
-BatchKey = tuple[str, Action, tuple[IdType, ...]]
+BatchKey = tuple[str, Action]
 CellKey = tuple[str, str, IdType, str]  # advertiser, audience, id type, hash
 
 MAX_ROWS_LIMIT = 10_000  # TikTok's documented ceiling per request
@@ -32,6 +35,7 @@ MAX_ROWS_LIMIT = 10_000  # TikTok's documented ceiling per request
 # JSON size of one cell `{"id":"<hash>","audience_ids":["<audience>"]}` minus the audience id, and of `{}`.
 _CELL_BYTES = len('{"id":"","audience_ids":[""]},') + 64
 _EMPTY_CELL_BYTES = len("{},")
+_SCHEMA_WIDTH = len(ID_TYPES)  # sizes count every absent type as `{}`: an upper bound whatever the batch's schema
 
 
 class Row:
@@ -83,7 +87,7 @@ class Batch:
     id: int
     key: BatchKey
     rows: list[Row]
-    trigger: str  # rows | bytes | linger | force | split
+    trigger: str  # rows | bytes | linger | force | turn | split
     attempts: int = 0
     budget: SplitBudget | None = None
 
@@ -97,7 +101,13 @@ class Batch:
 
     @property
     def id_schema(self) -> tuple[IdType, ...]:
-        return self.key[2]
+        """The union of the rows' identifier types, in `ID_TYPES` order (computed: halves may need fewer)."""
+        present: set[IdType] = set()
+        for row in self.rows:
+            present.update(row.cells)
+            if len(present) == len(ID_TYPES):
+                break
+        return tuple([t for t in ID_TYPES if t in present])
 
 
 @dataclass(slots=True, eq=False)
@@ -159,21 +169,19 @@ class Batcher:
         if len(ids) == 1:  # the common case: one identifier
             t, h = ids[0]
             keys: tuple[CellKey, ...] = ((adv, aud, t, h),)
-            schema: tuple[IdType, ...] = (t,)
         else:
             keys = tuple([(adv, aud, t, h) for t, h in ids])
-            schema = tuple([t for t, _ in ids])
         if pending:
             for ck in keys:
                 old = pending.get(ck)
                 if old is not None and self._drop_cell(old, ck[2]):
                     superseded.append(old)
-        key: BatchKey = (adv, change.action, schema)
+        key: BatchKey = (adv, change.action)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = _Buffer(key)
         # The JSON size of the row (`_row_bytes`), inlined: every identifier of a new row is present.
-        nbytes = len(ids) * (_CELL_BYTES + len(aud)) + 3
+        nbytes = len(ids) * (_CELL_BYTES + len(aud)) + (_SCHEMA_WIDTH - len(ids)) * _EMPTY_CELL_BYTES + 3
         row = Row(ref, change, dict(ids), self._clock(), keys, nbytes, source)
         rid = id(row)
         buf.rows[rid] = row
@@ -193,7 +201,7 @@ class Batcher:
         buf = self._row_buffer[id(row)]
         if id(row) in self._blocked and self._inflight_cells.keys().isdisjoint(row.keys):
             self._unblock(buf, row)  # the cell it waited for was superseded: nothing holds it back now
-        new_bytes = self._row_bytes(row, buf.key[2])
+        new_bytes = self._row_bytes(row)
         buf.nbytes += new_bytes - row.nbytes
         row.nbytes = new_bytes
         if row.cells:
@@ -214,11 +222,9 @@ class Batcher:
             del self._buffers[buf.key]
 
     @staticmethod
-    def _row_bytes(row: Row, id_schema: tuple[IdType, ...]) -> int:
+    def _row_bytes(row: Row) -> int:
         present = len(row.cells)
-        return (
-            present * (_CELL_BYTES + len(row.change.audience_id)) + (len(id_schema) - present) * _EMPTY_CELL_BYTES + 3
-        )
+        return present * (_CELL_BYTES + len(row.change.audience_id)) + (_SCHEMA_WIDTH - present) * _EMPTY_CELL_BYTES + 3
 
     # -- flushing -------------------------------------------------------------------------------------------
 
@@ -229,6 +235,7 @@ class Batcher:
         force: bool = False,
         hold: Container[BatchKey] = (),
         max_rows: int | None = None,
+        eager: bool = False,
     ) -> list[Batch]:
         """Batches whose buffer hit a trigger, at most `limit`; `force` flushes everything sendable.
 
@@ -238,6 +245,9 @@ class Batcher:
         the one with the oldest sendable row goes first (first come, first served): under a backlog every buffer
         gets a request within (buffers / QPS) seconds, and the rows it gathered meanwhile ride along, so none is
         starved by a bigger one that keeps refilling.
+
+        `eager` (the scheduler's requests are scarce and one is free now) makes every buffer with rows ready
+        (trigger "turn"): a request that waited for its turn must not then wait for linger too.
 
         Keys in `hold` (backing off after a retryable answer) keep buffering instead: one advertiser's outage must
         not stop the others, and must not multiply requests to the failing one.
@@ -253,21 +263,21 @@ class Batcher:
                 break
             if buf.key in hold:
                 continue
-            trigger = self._trigger(buf, now, force)
+            trigger = self._trigger(buf, now, force, eager)
             while trigger is not None and (limit is None or len(out) < limit):
                 batch = self._cut(buf, trigger, cap)
                 if batch is None:
                     break
                 out.append(batch)
-                trigger = self._trigger(buf, now, force) if buf.key in self._buffers else None
+                trigger = self._trigger(buf, now, force, eager) if buf.key in self._buffers else None
         return out
 
-    def has_ready(self, *, force: bool = False, hold: Container[BatchKey] = ()) -> bool:
+    def has_ready(self, *, force: bool = False, hold: Container[BatchKey] = (), eager: bool = False) -> bool:
         """Whether `ready` would cut anything now (blocked rows aside)."""
         now = self._clock()
-        return any(buf.key not in hold and self._trigger(buf, now, force) for buf in self._buffers.values())
+        return any(buf.key not in hold and self._trigger(buf, now, force, eager) for buf in self._buffers.values())
 
-    def _trigger(self, buf: _Buffer, now: float, force: bool) -> str | None:
+    def _trigger(self, buf: _Buffer, now: float, force: bool, eager: bool = False) -> str | None:
         if not buf.rows:
             return None
         if len(buf.rows) >= self.max_rows:
@@ -276,7 +286,9 @@ class Batcher:
             return "bytes"
         if now - buf.oldest() >= self.linger_s:
             return "linger"
-        return "force" if force else None
+        if force:
+            return "force"
+        return "turn" if eager else None
 
     def _cut(self, buf: _Buffer, trigger: str, max_rows: int) -> Batch | None:
         rows: list[Row] = []

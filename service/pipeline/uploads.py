@@ -128,9 +128,10 @@ class UploadScheduler:
         A batch is cut only when it can be sent at once: rows wait in their buffers, not in cut batches queued on
         the limiter. So when requests are scarce (the QPS cap or the in-flight slots bind while buffers are ready)
         the rows that arrive meanwhile make the next request bigger, up to `max_rows_scarce` (TikTok's 10,000):
-        the drain rate follows QPS x rows per request instead of stopping at QPS x `BATCH_MAX_ROWS`. With
-        requests to spare, batches leave at `BATCH_MAX_ROWS` or at linger as before, so a trickle stays small
-        and fast.
+        the drain rate follows QPS x rows per request instead of stopping at QPS x `BATCH_MAX_ROWS`; and a free
+        request then takes its buffer's rows without waiting for linger (trigger "turn"), since rows already
+        waited for the request. With requests to spare (a dispatch leaves a token unused), batches leave at
+        `BATCH_MAX_ROWS` or at linger as before, so a trickle stays small and costs few requests.
         """
         self._token_due = None
         if not self.gate.is_open:
@@ -139,13 +140,14 @@ class UploadScheduler:
         slots = self.max_inflight - self._sending
         tokens = self.bucket.available()
         free = min(slots, tokens)
+        eager = self.scarce  # a request that waited for its turn takes what is there, lingered out or not
         batches: list[Batch] = []
         if free > 0:
             cap = self.max_rows_scarce if self.scarce else self.batcher.max_rows
-            batches = self.batcher.ready(limit=free, force=force, hold=hold, max_rows=cap)
+            batches = self.batcher.ready(limit=free, force=force, hold=hold, max_rows=cap, eager=eager)
         if len(batches) < free:
             self._scarce(False)
-        elif self.batcher.has_ready(force=force, hold=hold):
+        elif self.batcher.has_ready(force=force, hold=hold, eager=eager):
             self._scarce(True)
             if tokens <= slots:  # the limiter binds: come back when it grants (a finishing request wakes us too)
                 self._token_due = self._clock() + self.bucket.next_token_in(after=len(batches))

@@ -29,20 +29,29 @@ def make(**kw: object) -> tuple[Batcher, Clock]:
     return Batcher(clock=clock, **opts), clock  # type: ignore[arg-type]
 
 
-def test_batch_key_is_advertiser_action_and_id_schema() -> None:
+def test_batch_key_is_advertiser_and_action_and_the_schema_is_the_union_of_the_rows_types() -> None:
     b, _ = make()
     b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
     b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2), ("PHONE_SHA256", H3)))
     b.add(ref(2), change(Action.DELETE, ("EMAIL_SHA256", H3)))
     b.add(ref(3), change(Action.ADD, ("EMAIL_SHA256", H3), adv="7000000000000000002"))
-    b.add(ref(4), change(Action.ADD, ("EMAIL_SHA256", H2), aud="222"))  # other audience, same request
-    keys = sorted((k[0], k[1].value, k[2]) for k in (batch.key for batch in b.ready(force=True)))
-    assert keys == [
-        (ADV, "add", ("EMAIL_SHA256",)),
-        (ADV, "add", ("EMAIL_SHA256", "PHONE_SHA256")),
-        (ADV, "delete", ("EMAIL_SHA256",)),
-        ("7000000000000000002", "add", ("EMAIL_SHA256",)),
+    b.add(ref(4), change(Action.ADD, ("IDFA_SHA256", H2), aud="222"))  # other audience and type, same request
+    got = sorted((x.key[0], x.key[1].value, x.id_schema, len(x.rows)) for x in b.ready(force=True))
+    assert got == [
+        (ADV, "add", ("EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256"), 3),
+        (ADV, "delete", ("EMAIL_SHA256",), 1),
+        ("7000000000000000002", "add", ("EMAIL_SHA256",), 1),
     ]
+
+
+def test_a_half_of_a_batch_has_the_schema_of_its_own_rows() -> None:
+    b, _ = make(max_rows=10)
+    b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    b.add(ref(1), change(Action.ADD, ("PHONE_SHA256", H2)))
+    [batch] = b.ready(force=True)
+    assert batch.id_schema == ("EMAIL_SHA256", "PHONE_SHA256")
+    batch.rows = batch.rows[:1]
+    assert batch.id_schema == ("EMAIL_SHA256",)
 
 
 def test_flush_on_row_count() -> None:
@@ -110,7 +119,7 @@ def test_partial_supersession_leaves_an_empty_cell() -> None:
     batches = {x.action: x for x in b.ready(force=True)}
     add_row = batches[Action.ADD].rows[0]
     assert add_row.cells == {"EMAIL_SHA256": H1}
-    assert batches[Action.ADD].id_schema == ("EMAIL_SHA256", "PHONE_SHA256")
+    assert batches[Action.ADD].id_schema == ("EMAIL_SHA256",), "the superseded column is not sent at all"
 
 
 def test_same_user_other_audience_is_independent() -> None:
@@ -168,7 +177,7 @@ def test_held_key_keeps_buffering_while_other_keys_flush() -> None:
     b.add(ref(0), change(Action.ADD, ("EMAIL_SHA256", H1)))
     b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
     b.add(ref(2), change(Action.ADD, ("EMAIL_SHA256", H3), adv=other))
-    held = {(ADV, Action.ADD, ("EMAIL_SHA256",))}
+    held = {(ADV, Action.ADD)}
     clock.t = 5.0
     [batch] = b.ready(hold=held, force=True)
     assert batch.advertiser_id == other, "the held key sends nothing, the other key flows"

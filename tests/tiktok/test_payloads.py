@@ -40,14 +40,17 @@ def test_body_matches_segments_tiktok_fixture_exactly() -> None:
 
 
 def test_missing_identifier_is_an_empty_placeholder_in_its_column() -> None:
+    """Users with different identifier types share a request: each row has `{}` where it lacks a type."""
     full = AudienceChange("123", "12345", Action.DELETE, (("EMAIL_SHA256", EMAIL), ("PHONE_SHA256", PHONE)))
-    batch = _batch(full)
-    # a newer event superseded the phone cell: the row keeps its width with {} in the phone column
-    batch.rows[0].cells.pop("PHONE_SHA256")
+    email_only = AudienceChange("123", "12345", Action.DELETE, (("EMAIL_SHA256", IDFA),))
+    batch = _batch(full, email_only)
     doc = orjson.loads(mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows))
     assert doc["action"] == "delete"
-    assert doc["batch_data"] == [[{"id": EMAIL, "audience_ids": ["12345"]}, {}]]
-    assert all(len(row) == len(doc["id_schema"]) for row in doc["batch_data"])
+    assert doc["id_schema"] == ["EMAIL_SHA256", "PHONE_SHA256"]
+    assert doc["batch_data"] == [
+        [{"id": EMAIL, "audience_ids": ["12345"]}, {"id": PHONE, "audience_ids": ["12345"]}],
+        [{"id": IDFA, "audience_ids": ["12345"]}, {}],
+    ]
 
 
 def test_rows_for_several_audiences_of_one_advertiser_share_a_request() -> None:
