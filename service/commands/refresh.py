@@ -223,6 +223,10 @@ class Summary:
         rows.append(("advertiser", self.advertiser_id or "-"))
         audience = self.audience_id or (f'"{self.audience_name}" (to create)' if self.audience_name else "-")
         rows.append(("audience", audience + (" (created)" if self.created else "")))
+        if self.read.get("columns"):
+            rows.append(("read: columns used", ", ".join(self.read["columns"])))
+        if self.read.get("ignored_columns"):
+            rows.append(("read: columns ignored", ", ".join(self.read["ignored_columns"])))
         for name, value in self.read.items():
             if isinstance(value, int):
                 rows.append((f"read: {name}", value))

@@ -400,3 +400,27 @@ def test_create_if_missing_creates_records_and_then_replaces(
     assert doc["status"] == "replaced" and doc["created"] is False and doc["audience_id"] == aid
     assert members(sandbox, aid) == {"EMAIL_SHA256": {sha(e) for e in emails("b", 1000)}}
     assert [u["action"] for u in sandbox.state.customer_files()["updates"]] == ["CREATE", "REPLACE"]
+
+
+def test_transient_errors_are_retried_and_expired_files_uploaded_again(
+    sandbox: SandboxThread, refresh_env: RefreshEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    aid = file_audience(sandbox, "EMAIL_SHA256", [sha(e) for e in emails("old", 1000)])
+    path = write_csv(tmp_path, "email\n" + "\n".join(emails("new", 1200)) + "\n")
+    sandbox.set_faults(
+        [
+            {"kind": "http", "status": 503, "path": FILE_UPLOAD, "count": 1},
+            {"kind": "code", "code": 40905, "path": FILE_UPDATE, "count": 1},  # FILE_NOT_EXIST: the paths expired
+            {"kind": "code", "code": 50000, "path": FILE_UPDATE, "count": 1},
+        ]
+    )
+    env = refresh_env({"crm": crm_entry(aid)})
+    rc, doc, err = run(capsys, env, "--audience-key", "crm", "--from", str(path), "--max-file-bytes", str(65 * 700))
+    assert rc == 0, (doc, err)
+    assert members(sandbox, aid) == {"EMAIL_SHA256": {sha(e) for e in emails("new", 1200)}}
+    uploads = [r for r in sandbox.state.requests() if r["path"] == FILE_UPLOAD]
+    updates = [r for r in sandbox.state.requests() if r["path"] == FILE_UPDATE]
+    # 2 files: one 503 then both accepted; after 40905 both uploaded again; the update: 40905, 50000, success.
+    assert [r["status"] for r in uploads] == [503, 200, 200, 200, 200]
+    assert [r["code"] for r in updates] == [40905, 50000, 0]
+    assert doc["files"] == 2 and doc["files_uploaded"] == 2 and "retrying" in err
