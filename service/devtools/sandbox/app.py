@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service.devtools.sandbox.faults import MAPPING_PATH, Fault, FaultPlan
 from service.devtools.sandbox.state import (
@@ -29,6 +30,7 @@ from service.devtools.sandbox.state import (
     MAX_PAGE_SIZE,
     OK,
     ApiError,
+    FilePart,
     RequestRecord,
     SandboxState,
     param_error,
@@ -63,6 +65,7 @@ RUNTIME_KEY = web.AppKey("sandbox_runtime", Runtime)
 
 _request_seq = itertools.count(1)
 _NOT_JSON = object()
+_NOT_MULTIPART = object()
 
 Inner = Callable[[web.Request, SandboxState, object], dict[str, object]]
 
@@ -150,7 +153,9 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
         now = runtime.clock()
         state.count_request(path)
         body: object = None
-        if request.method == "POST":
+        if request.method == "POST" and request.content_type == "multipart/form-data":
+            body = await _read_multipart(request)
+        elif request.method == "POST":
             raw = await request.read()
             try:
                 body = json.loads(raw)
@@ -168,6 +173,8 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
             _check_token(request, runtime.tokens)
             if body is _NOT_JSON:
                 raise param_error("request body must be valid JSON")
+            if body is _NOT_MULTIPART:
+                raise param_error("request body is not valid multipart/form-data")
             data = inner(request, state, body)
             code, message = OK, "OK"
         except ApiError as e:
@@ -177,6 +184,24 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
         return envelope(code, message, data)
 
     return counted
+
+
+async def _read_multipart(request: web.Request) -> object:
+    """Text fields as str, file parts as `FilePart`; `_NOT_MULTIPART` when the body cannot be parsed."""
+    fields: dict[str, object] = {}
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                return _NOT_MULTIPART
+            data = bytes(await part.read(decode=False))
+            if part.filename is not None:
+                fields[part.name] = FilePart(part.filename, data)
+            else:
+                fields[part.name] = data.decode("utf-8")
+    except (ValueError, AssertionError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
+        return _NOT_MULTIPART
+    return fields
 
 
 async def _serve_fault(
@@ -228,6 +253,18 @@ def _mapping(request: web.Request, state: SandboxState, body: object) -> dict[st
 
 def _segment_audience(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
     return state.segment_audience(body)
+
+
+def _file_upload(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.upload_file(body)
+
+
+def _file_create(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.create_file_audience(body)
+
+
+def _file_update(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.update_file_audience(body)
 
 
 def _query_advertiser(request: web.Request) -> str:
@@ -285,6 +322,18 @@ async def _ctl_members(request: web.Request) -> web.Response:
         return web.json_response(request.app[STATE_KEY].members(request.match_info["audience_id"]))
     except KeyError:
         return _bad("unknown audience", 404)
+
+
+async def _ctl_customer_files(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].customer_files())
+
+
+async def _ctl_customer_file(request: web.Request) -> web.Response:
+    try:
+        ids = request.app[STATE_KEY].file_identifiers(request.match_info["file_path"])
+    except KeyError:
+        return _bad("unknown file_path", 404)
+    return web.json_response({"identifiers": ids})
 
 
 async def _ctl_advertisers(request: web.Request) -> web.Response:
@@ -362,6 +411,9 @@ _GET_ROUTES: tuple[tuple[str, Inner], ...] = (
 _POST_ROUTES: tuple[tuple[str, Inner], ...] = (
     ("/segment/mapping/", _mapping),
     ("/segment/audience/", _segment_audience),
+    ("/dmp/custom_audience/file/upload/", _file_upload),
+    ("/dmp/custom_audience/create/", _file_create),
+    ("/dmp/custom_audience/update/", _file_update),
 )
 
 
@@ -387,6 +439,8 @@ def create_app(
     c = CONTROL_PREFIX
     app.router.add_get(f"{c}/state", _ctl_state)
     app.router.add_get(f"{c}/audiences/{{audience_id}}/members", _ctl_members)
+    app.router.add_get(f"{c}/customer_files", _ctl_customer_files)
+    app.router.add_get(f"{c}/customer_files/{{file_path}}", _ctl_customer_file)
     app.router.add_post(f"{c}/advertisers", _ctl_advertisers)
     app.router.add_post(f"{c}/audiences", _ctl_audiences)
     app.router.add_get(f"{c}/faults", _ctl_faults_get)
