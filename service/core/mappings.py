@@ -60,6 +60,12 @@ class AudienceMapping:
     file_max_rows: int | None = None
 
     @property
+    def restricts(self) -> bool:
+        """Whether the entry changes how its records are resolved (disabled, file mode or its own phone region):
+        the resolver asks this first, so the common entry costs one attribute read."""
+        return not self.enabled or self.mode == "file" or self.phone_region is not None
+
+    @property
     def is_file(self) -> bool:
         return self.mode == "file"
 

@@ -1,5 +1,5 @@
-"""aiohttp application of the TikTok sandbox: TikTok's endpoints under `/open_api/v1.3`, a control API under
-`/_sandbox/`.
+"""aiohttp application of the TikTok sandbox: TikTok's endpoints under `/open_api/v1.3` (audiences and the offline
+`event/track/`), a control API under `/_sandbox/`.
 
 Handlers stay thin: faults are decided first, then auth, then `SandboxState` validates and applies
 synchronously (no await in between, so a request is applied atomically). Request bodies and tokens are never
@@ -23,6 +23,7 @@ from http import HTTPStatus
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from service.devtools.sandbox.event_track import validate_event_track
 from service.devtools.sandbox.faults import MAPPING_PATH, Fault, FaultPlan
 from service.devtools.sandbox.state import (
     EMPTY_ACCESS_TOKEN,
@@ -113,6 +114,8 @@ def _summary(now: float, path: str, body: object, advertisers: list[str]) -> Req
             action = body["action"]
         if isinstance(body.get("batch_data"), list):
             rows = len(body["batch_data"])
+        elif isinstance(body.get("data"), list):  # event/track/: events per request
+            rows = len(body["data"])
     return RequestRecord(
         t=now, path=path, action=action, advertiser_ids=advertisers or None, rows=rows, status=0, code=None
     )
@@ -267,6 +270,11 @@ def _file_update(request: web.Request, state: SandboxState, body: object) -> dic
     return state.update_file_audience(body)
 
 
+def _event_track(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    state.apply_events(validate_event_track(body, state.now()))
+    return {}
+
+
 def _query_advertiser(request: web.Request) -> str:
     value = request.query.get("advertiser_id", "")
     if not value:
@@ -391,6 +399,11 @@ async def _ctl_requests(request: web.Request) -> web.Response:
     return web.json_response({"requests": request.app[STATE_KEY].requests(None if path == "*" else path)})
 
 
+async def _ctl_events(request: web.Request) -> web.Response:
+    """Offline events event/track/ accepted, each once, with totals (`?event_source_id=` keeps one event set)."""
+    return web.json_response(request.app[STATE_KEY].events(request.query.get("event_source_id")))
+
+
 async def _ctl_reset(request: web.Request) -> web.Response:
     try:
         body = await _json_body(request, allow_empty=True)
@@ -414,6 +427,7 @@ _POST_ROUTES: tuple[tuple[str, Inner], ...] = (
     ("/dmp/custom_audience/file/upload/", _file_upload),
     ("/dmp/custom_audience/create/", _file_create),
     ("/dmp/custom_audience/update/", _file_update),
+    ("/event/track/", _event_track),
 )
 
 
@@ -447,6 +461,7 @@ def create_app(
     app.router.add_post(f"{c}/faults", _ctl_faults_set)
     app.router.add_delete(f"{c}/faults", _ctl_faults_clear)
     app.router.add_get(f"{c}/requests", _ctl_requests)
+    app.router.add_get(f"{c}/events", _ctl_events)
     app.router.add_post(f"{c}/reset", _ctl_reset)
 
     async def _on_shutdown(app: web.Application) -> None:

@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="audience-sync sandbox",
         description=(
             "Local stand-in for TikTok's Business API (segment/mapping, segment/audience, customer-file upload, "
-            "create and update, reads)."
+            "create and update, event/track, reads)."
         ),
     )
     p.add_argument("--host", default="127.0.0.1")

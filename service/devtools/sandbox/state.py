@@ -1,4 +1,5 @@
-"""In-memory advertisers, audiences and membership of the TikTok sandbox, and its strict request validation.
+"""In-memory advertisers, audiences, membership and received offline events of the TikTok sandbox, and its strict
+request validation (`event/track/` bodies are validated in `event_track.py`).
 
 Pure: no I/O, and wall-clock time comes from an injected clock, so every strictness rule is unit-testable with
 literals. Validation is separated from application so a request is applied all-or-nothing. A lock guards the
@@ -72,6 +73,8 @@ _TIME_FMT: Final = "%Y-%m-%d %H:%M:%S"
 _NAME_MAX: Final = 70
 _RETENTION: Final = timedelta(days=365)
 _EXPIRING: Final = timedelta(days=7)  # when `is_expiring` turns true (TikTok does not document its threshold)
+# TikTok counts the same event + event_id once within 48 hours (docs/tiktok-api.md §8.2).
+EVENT_DEDUP_WINDOW: Final = timedelta(hours=48)
 MAX_PAGE_SIZE: Final = 100
 
 # Customer-file API (docs/tiktok-api.md §3, §3.6). `DmpCalculateType` of the upload spec; create accepts the same
@@ -208,6 +211,15 @@ class FileUpdate:
     file_paths: tuple[str, ...]
     size_before: int
     size_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackRequest:
+    """An `event/track/` body that passed every check (`event_track.validate_event_track`), and when it came."""
+
+    event_source_id: str
+    events: tuple[dict[str, object], ...]
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +369,7 @@ class SandboxState:
         audience_ready_delay_s: float = 0.0,
         max_file_bytes: int = MAX_FILE_BYTES,
         min_audience_size: int = MIN_AUDIENCE_SIZE,
+        event_log_size: int = 100_000,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.max_rows_per_request = max_rows_per_request
@@ -377,6 +390,13 @@ class SandboxState:
         self.files: dict[str, CustomerFile] = {}  # customer files received, by file_path
         self.file_updates: list[FileUpdate] = []  # creates and updates applied to customer-file audiences
         self._next_audience_id = 1_000_000_001
+        # Offline events accepted by event/track/, each once; the newest `event_log_size` are kept.
+        self.received_events: deque[dict[str, object]] = deque(maxlen=event_log_size)
+        self.events_received = 0
+        self.event_duplicates = 0
+        self.events_by_name: Counter[str] = Counter()
+        # (event_source_id, event, event_id) → when first accepted, oldest first, pruned after the 48 h window.
+        self._event_seen: dict[tuple[str, str, str], datetime] = {}
 
     # -- registration ---------------------------------------------------------------------------------------
 
@@ -724,6 +744,56 @@ class SandboxState:
             raise param_error("invalid audience ID")
         return audience
 
+    # -- event/track (offline conversions) -------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The sandbox's wall clock (injected): what `event/track/` checks event times and de-duplication against."""
+        return self._clock()
+
+    def apply_events(self, req: TrackRequest) -> tuple[int, int]:
+        """Keep each event once: an event with the `event` and `event_id` of one accepted for the same event set
+        less than 48 hours before (sandbox time) only counts as a duplicate. Answers (accepted, duplicates)."""
+        accepted = duplicates = 0
+        with self._lock:
+            seen = self._event_seen
+            while seen:  # oldest first: drop keys whose window has passed
+                oldest = next(iter(seen))
+                if req.at - seen[oldest] < EVENT_DEDUP_WINDOW:
+                    break
+                del seen[oldest]
+            for ev in req.events:
+                event_id = ev.get("event_id")
+                if isinstance(event_id, str):
+                    key = (req.event_source_id, str(ev["event"]), event_id)
+                    first = seen.get(key)
+                    if first is not None and req.at - first < EVENT_DEDUP_WINDOW:
+                        duplicates += 1
+                        continue
+                    if first is not None:
+                        del seen[key]  # re-inserted below, so the oldest-first order holds
+                    seen[key] = req.at
+                accepted += 1
+                self.events_by_name[str(ev["event"])] += 1
+                self.received_events.append(
+                    {"event_source_id": req.event_source_id, "received_at": req.at.isoformat(), **ev}
+                )
+            self.events_received += accepted
+            self.event_duplicates += duplicates
+        return accepted, duplicates
+
+    def events(self, event_source_id: str | None = None) -> dict[str, object]:
+        """Received events (each once), optionally of one event set, with the totals of every event set."""
+        with self._lock:
+            kept = [
+                e for e in self.received_events if event_source_id is None or e["event_source_id"] == event_source_id
+            ]
+            return {
+                "received": self.events_received,
+                "duplicates": self.event_duplicates,
+                "by_event": dict(self.events_by_name),
+                "events": kept,
+            }
+
     # -- reads ----------------------------------------------------------------------------------------------
 
     def get_audiences(self, advertiser_id: str, audience_ids: Sequence[str]) -> dict[str, object]:
@@ -846,10 +916,12 @@ class SandboxState:
                 "peak_concurrent_requests": dict(self.peak_open_requests),
                 "rejected": {str(code): n for code, n in self.rejected_counts.items()},
                 "faults": dict(self.fault_counts),
+                "events": {"received": self.events_received, "duplicates": self.event_duplicates},
             }
 
     def reset(self, *, everything: bool = False) -> None:
-        """Clear membership and request bookkeeping; `everything` also forgets advertisers and audiences."""
+        """Clear membership, received events and request bookkeeping; `everything` also forgets advertisers and
+        audiences."""
         with self._lock:
             if everything:
                 self.advertisers.clear()
@@ -863,6 +935,11 @@ class SandboxState:
             self.rejected_counts.clear()
             self.fault_counts.clear()
             self.request_log.clear()
+            self.received_events.clear()
+            self.events_received = 0
+            self.event_duplicates = 0
+            self.events_by_name.clear()
+            self._event_seen.clear()
 
     def customer_files(self) -> dict[str, object]:
         """Files received and updates applied, oldest first: shapes and counts, no identifier."""
