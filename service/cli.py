@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "dlq": ("inspect the dead-letter topic (`dlq inspect`)", "service.commands.dlq_inspect"),
         "audiences": ("create / list / get TikTok audiences", "service.commands.audiences"),
         "doctor": ("preflight: broker, topics, token, advertisers, audiences, mappings", "service.commands.doctor"),
+        "refresh": ("replace a file audience's members with a snapshot (REPLACE)", "service.commands.refresh"),
     }
     for name, (help_text, _) in passthrough.items():
         sub.add_parser(name, help=help_text, add_help=False)

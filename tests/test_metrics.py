@@ -125,6 +125,7 @@ def test_observe_many_writes_what_per_value_observes_write() -> None:
         h1.observe(v)
     m.observe_many(h2, values)
     m.observe_many(h2, [])
+
     def series(reg: CollectorRegistry) -> list[bytes]:
         return [line for line in generate_latest(reg).splitlines() if b"_created" not in line]
 

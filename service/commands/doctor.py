@@ -1,5 +1,6 @@
 """`audience-sync doctor`: preflight before `run` or a replay: broker, topics, token, advertisers, mapped audiences,
 mappings file. One line per check with a fix hint on each failure; exit 1 if any check fails (warnings do not).
+Then each mappings entry's effective settings (mode, id types, enabled, audience, phone region), defaults resolved.
 
 Every check is a pure function from fetched data to a `Check`, so each verdict and hint is unit-testable with
 literals; the fetching (Kafka metadata, TikTok reads) is a thin layer on top. A check that cannot run because
@@ -26,6 +27,7 @@ from confluent_kafka.admin import AdminClient
 from service.config import ConfigError, Settings, TokenSource, load_settings, producer_config
 from service.core.answers import Verdict
 from service.core.mappings import AudienceMapping, Mappings, MappingsError, load_mappings
+from service.core.model import ID_TYPES
 from service.tiktok.audiences_api import (
     TARGETING_MINIMUM,
     AdvertiserInfo,
@@ -36,6 +38,7 @@ from service.tiktok.audiences_api import (
     open_api,
     truncate_name,
 )
+from service.tiktok.customer_files_api import CUSTOMER_FILE_TYPE
 
 PROG = "audience-sync doctor"
 DEFAULT_TIMEOUT_S = 10.0
@@ -116,6 +119,83 @@ def make_plan(mappings: Mappings | None, default_advertiser: str | None) -> Plan
         elif entry.create_if_missing:
             plan.creates.append((entry, adv))
     return plan
+
+
+# -- effective settings of each entry (pure) ------------------------------------------------------------------
+
+_SHORT = {"EMAIL_SHA256": "email", "PHONE_SHA256": "phone", "IDFA_SHA256": "idfa", "AAID_SHA256": "aaid"}
+
+
+def entry_settings(entry: AudienceMapping, default_advertiser: str | None, default_region: str) -> dict[str, Any]:
+    """What an entry means once every default is applied (no identifier, nothing secret: safe to print)."""
+    types = entry.effective_id_types
+    return {
+        "audience_key": entry.audience_key,
+        "mode": entry.mode,
+        "id_types": list(types),
+        "id_types_default": entry.id_types is None,
+        "contract": entry.contract,
+        "enabled": entry.enabled,
+        "advertiser_id": entry.advertiser_id or default_advertiser,
+        "advertiser_source": "entry"
+        if entry.advertiser_id
+        else ("DEFAULT_ADVERTISER_ID" if default_advertiser else None),
+        "audience_id": entry.audience_id,
+        "create_if_missing": entry.create_if_missing,
+        "audience_name": entry.effective_audience_name,
+        "audience_name_default": entry.audience_name == entry.audience_key and entry.create_if_missing,
+        "phone_region": entry.effective_phone_region(default_region) if "PHONE_SHA256" in types else None,
+        "phone_region_source": ("entry" if entry.phone_region else "PHONE_DEFAULT_REGION")
+        if "PHONE_SHA256" in types
+        else None,
+        "file_interval_s": entry.file_interval_s,
+        "file_max_rows": entry.file_max_rows,
+    }
+
+
+def all_entry_settings(
+    mappings: Mappings | None, default_advertiser: str | None, default_region: str
+) -> list[dict[str, Any]]:
+    return [entry_settings(e, default_advertiser, default_region) for e in mappings or ()]
+
+
+def _entry_row(doc: Mapping[str, Any]) -> list[str]:
+    types = doc["id_types"]
+    ids = ",".join(_SHORT[t] for t in types) + (" (all)" if len(types) == len(ID_TYPES) else "")
+    mode = f"file {doc['contract']}" if doc["mode"] == "file" else "stream"
+    if doc["audience_id"] is not None:
+        audience = doc["audience_id"]
+    else:
+        audience = f'create "{doc["audience_name"]}"' + (" (the key)" if doc["audience_name_default"] else "")
+    region = "-"
+    if doc["phone_region"] is not None:
+        region = doc["phone_region"] + (" (default)" if doc["phone_region_source"] != "entry" else "")
+    cadence = []
+    if doc["file_interval_s"] is not None:
+        cadence.append(f"every {doc['file_interval_s']:g}s")
+    if doc["file_max_rows"] is not None:
+        cadence.append(f"or {doc['file_max_rows']:,} users")
+    return [
+        doc["audience_key"],
+        mode,
+        ids,
+        "yes" if doc["enabled"] else "NO (paused)",
+        audience,
+        region,
+        " ".join(cadence) or "-",
+    ]
+
+
+def render_entries(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The effective settings as an aligned table (no lines when there are no entries)."""
+    if not entries:
+        return []
+    head = ["entry", "mode", "id types", "enabled", "audience", "phone region", "file cadence"]
+    rows = [head] + [_entry_row(e) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"entries ({len(entries)}), effective settings:"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
 
 
 # -- checks (pure) -------------------------------------------------------------------------------------------
@@ -269,6 +349,16 @@ def check_audience(entry: AudienceMapping, advertiser_id: str, result: AudienceI
         )
     if isinstance(result, TikTokApiError):
         return Check("audience", subject, Status.FAIL, _tiktok_detail(result), tiktok_hint(result))
+    if entry.is_file and result.audience_type and result.audience_type != CUSTOMER_FILE_TYPE:
+        return Check(
+            "audience",
+            subject,
+            Status.FAIL,
+            f"mode: file, but audience {aud} is a {result.audience_type} audience: only a customer-file audience "
+            "takes file updates",
+            f"set audiences.{entry.audience_key}.mode: stream, or point it at a customer-file audience (or drop "
+            "audience_id and set create_if_missing: true, then run `audience-sync refresh` once)",
+        )
     size = f'"{result.name}" of advertiser {advertiser_id}, {result.cover_num:,} member(s)'
     if result.cover_num < TARGETING_MINIMUM:
         return Check(
@@ -288,15 +378,15 @@ def check_create_if_missing(
     subject = _subject(entry)
     if isinstance(existing, TikTokApiError):
         return Check("audience", subject, Status.FAIL, _tiktok_detail(existing), tiktok_hint(existing))
-    stored = truncate_name(name)
+    stored = name if entry.is_file else truncate_name(name)  # customer-file names are kept whole (<= 128)
     same = [a.audience_id for a in existing if a.name == stored]
     if not same:
+        when = "by the first `audience-sync refresh` or file upload" if entry.is_file else "on first event"
         return Check(
             "audience",
             subject,
             Status.OK,
-            f"create_if_missing: no audience with this name for advertiser {advertiser_id} yet; "
-            "will be created on first event",
+            f"create_if_missing: no audience with this name for advertiser {advertiser_id} yet; will be created {when}",
         )
     return Check(
         "audience",
@@ -330,7 +420,8 @@ def exit_code(checks: Sequence[Check]) -> int:
     return 1 if any(c.status is Status.FAIL for c in checks) else 0
 
 
-def render_text(checks: Sequence[Check], *, unicode: bool = True) -> str:
+def render_text(checks: Sequence[Check], *, unicode: bool = True, entries: Sequence[Mapping[str, Any]] = ()) -> str:
+    """One line per check (and its hint), the entries' effective settings, then the counts line."""
     marks = SYMBOLS if unicode else WORDS
     width = max((len(c.check) for c in checks), default=0)
     lines = []
@@ -338,13 +429,19 @@ def render_text(checks: Sequence[Check], *, unicode: bool = True) -> str:
         lines.append(f"{marks[c.status]} {c.check.ljust(width)}  {c.subject}: {c.detail}")
         if c.hint and c.status in (Status.FAIL, Status.WARN):
             lines.append(f"    {'fix' if c.status is Status.FAIL else 'hint'}: {c.hint}")
+    lines += render_entries(entries)
     n = counts(checks)
     lines.append(f"doctor: {n['fail']} failed, {n['warn']} warning(s), {n['ok']} ok, {n['skip']} skipped")
     return "\n".join(lines)
 
 
-def render_json(checks: Sequence[Check]) -> str:
-    doc = {"ok": exit_code(checks) == 0, "counts": counts(checks), "checks": [c.to_json() for c in checks]}
+def render_json(checks: Sequence[Check], entries: Sequence[Mapping[str, Any]] = ()) -> str:
+    doc = {
+        "ok": exit_code(checks) == 0,
+        "counts": counts(checks),
+        "checks": [c.to_json() for c in checks],
+        "entries": list(entries),
+    }
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
 
 
@@ -506,10 +603,21 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     checks = asyncio.run(diagnose(settings, env, Path(raw_path) if raw_path else None, args.timeout))
+    entries = all_entry_settings(_loaded(raw_path), settings.default_advertiser_id, settings.phone_default_region)
     if args.json:
-        out = render_json(checks)
+        out = render_json(checks, entries)
     else:
         encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
-        out = render_text(checks, unicode=not args.ascii and encoding == "utf8")
+        out = render_text(checks, unicode=not args.ascii and encoding == "utf8", entries=entries)
     sys.stdout.write(out + "\n")
     return exit_code(checks)
+
+
+def _loaded(raw_path: str) -> Mappings | None:
+    """The mappings for the settings table; None when unset or invalid (the mappings check reports why)."""
+    if not raw_path:
+        return None
+    try:
+        return load_mappings(raw_path)
+    except MappingsError:
+        return None

@@ -57,6 +57,14 @@ CODE_TABLE: dict[int, Verdict] = {
     40061: Verdict.SPLIT,
     # "object does not exist": in segment/mapping the only object named is the audience (docs/tiktok-api.md §4)
     40007: Verdict.NOT_FOUND,
+    # customer-file API (docs/tiktok-api.md §3.6): a file that is gone (never uploaded, or expired) is uploaded
+    # again by the caller, so resending is transient; a file of the wrong kind is ours to fix; too large: split it.
+    40905: Verdict.RETRY,  # FILE_NOT_EXIST
+    40910: Verdict.RETRY,  # FILE_EXPIRED
+    40906: Verdict.REJECTED,  # FILE_EMPTY
+    40908: Verdict.REJECTED,  # FILE_TYPE_ERROR
+    40909: Verdict.REJECTED,  # FILE_CALCULATE_TYPE_ERROR
+    40907: Verdict.SPLIT,  # FILE_TOO_LARGE
 }
 
 # Code ranges: RPC/internal (51xxx) and storage (52xxx) errors are TikTok-side and transient.

@@ -108,6 +108,26 @@ def hash_ad_id(value: object, id_type: IdType) -> str | MatchError | None:
     return _sha256(ad_id.encode()).hexdigest()
 
 
+def hash_external_id(value: object) -> str | MatchError | None:
+    """An advertiser's own user id (TikTok's `external_id`): trim + lowercase, then SHA-256.
+
+    Integers are accepted as their decimal text (JSON producers often send numeric user ids); a value that is
+    already 64 hex characters passes through lowercased, like every other identifier here.
+    """
+    if value is None:
+        return None
+    if type(value) is int:
+        value = str(value)
+    elif not isinstance(value, str):
+        return MatchError("EXTERNAL_ID_SHA256", "not_a_string")
+    external_id = value.strip().lower()
+    if not external_id:
+        return None
+    if len(external_id) == 64 and _HEX64.fullmatch(external_id):
+        return external_id
+    return _sha256(external_id.encode()).hexdigest()
+
+
 def is_supported_region(region: str) -> bool:
     """Whether phonenumbers knows `region` (validate PHONE_DEFAULT_REGION at startup, not per record)."""
     return region in phonenumbers.SUPPORTED_REGIONS

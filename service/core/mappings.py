@@ -9,25 +9,96 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
 import orjson
 import yaml
+
+from service.core.customer_files import CONTRACT_FOR_ID_TYPE, FileContract
+from service.core.identifiers import is_supported_region
+from service.core.model import ID_TYPES, IdType
 
 
 class MappingsError(ValueError):
     """The mappings file is unreadable or invalid; the message names the file, key and field."""
 
 
+Mode = Literal["stream", "file"]
+MODES: Final[tuple[Mode, ...]] = get_args(Mode)
+
+# Accepted in `id_types` for the Android advertising id: the file API's name for it (docs/tiktok-api.md §3.6).
+_ID_TYPE_ALIASES: Final[Mapping[str, IdType]] = {"GAID_SHA256": "AAID_SHA256"}
+
+AUDIENCE_NAME_MAX: Final = 128  # customer-file audiences (dmp/custom_audience/create); Partner names are truncated
+FILE_INTERVAL_MIN_S: Final = 60.0
+FILE_INTERVAL_MAX_S: Final = 7 * 86400.0
+FILE_MAX_ROWS_MAX: Final = 1_000_000  # customer_files.DEFAULT_MAX_PENDING_USERS: what one drain may hold
+
+
 @dataclass(frozen=True, slots=True)
 class AudienceMapping:
-    """One `audiences.<key>` entry. Ids are digit strings (TikTok ids exceed 2**53, so never floats)."""
+    """One `audiences.<key>` entry. Ids are digit strings (TikTok ids exceed 2**53, so never floats).
+
+    The per-entry contract (docs/design.md "Mappings file"): `mode` is how the audience is fed (`stream`: a Partner
+    audience through `segment/mapping`; `file`: a customer-file audience through file uploads); `id_types` which
+    identifier types are sent (None: all of them, for streaming only; a file entry names exactly one);
+    `enabled: false` pauses the entry; `phone_region` is its default region for phone numbers without a country
+    code (None: PHONE_DEFAULT_REGION); `file_interval_s` / `file_max_rows` override the service's upload cadence
+    for a file entry (None: the service's default). Use the accessors rather than the raw fields.
+    """
 
     audience_key: str
     advertiser_id: str | None = None
     audience_id: str | None = None
     audience_name: str | None = None
     create_if_missing: bool = False
+    mode: Mode = "stream"
+    id_types: tuple[IdType, ...] | None = None
+    enabled: bool = True
+    phone_region: str | None = None
+    file_interval_s: float | None = None
+    file_max_rows: int | None = None
+
+    @property
+    def restricts(self) -> bool:
+        """Whether the entry changes how its records are resolved (disabled, file mode or its own phone region):
+        the resolver asks this first, so the common entry costs one attribute read."""
+        return not self.enabled or self.mode == "file" or self.phone_region is not None
+
+    @property
+    def is_file(self) -> bool:
+        return self.mode == "file"
+
+    @property
+    def effective_id_types(self) -> tuple[IdType, ...]:
+        """The identifier types this entry sends, in `ID_TYPES` order."""
+        if self.id_types is None:
+            return ID_TYPES
+        return tuple(t for t in ID_TYPES if t in self.id_types)
+
+    def sends(self, id_type: IdType) -> bool:
+        return id_type in self.effective_id_types
+
+    @property
+    def contract(self) -> FileContract | None:
+        """The customer-file contract (`calculate_type`) of a file entry; None for a streaming one."""
+        if not self.is_file:
+            return None
+        types = self.effective_id_types
+        if len(types) != 1:  # parse_mappings never builds such an entry
+            raise ValueError(f"audiences.{self.audience_key}: a file entry needs exactly one id type, has {types}")
+        return CONTRACT_FOR_ID_TYPE[types[0]]
+
+    @property
+    def effective_audience_name(self) -> str | None:
+        """The name an audience created on demand gets: `audience_name`, else the audience key."""
+        if self.audience_name is not None:
+            return self.audience_name
+        return self.audience_key if self.create_if_missing else None
+
+    def effective_phone_region(self, default: str) -> str:
+        """This entry's phone region, else `default` (PHONE_DEFAULT_REGION)."""
+        return self.phone_region or default
 
 
 class Mappings:
@@ -59,7 +130,21 @@ class Mappings:
         return f"Mappings({len(self._audiences)} audiences from {self.source or '<none>'})"
 
 
-_ENTRY_KEYS = frozenset({"advertiser_id", "audience_id", "audience_name", "create_if_missing"})
+_ENTRY_KEYS = frozenset(
+    {
+        "advertiser_id",
+        "audience_id",
+        "audience_name",
+        "create_if_missing",
+        "mode",
+        "id_types",
+        "enabled",
+        "phone_region",
+        "file_interval_s",
+        "file_max_rows",
+    }
+)
+_FILE_ONLY_KEYS = ("file_interval_s", "file_max_rows")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -92,6 +177,37 @@ def _digits(value: object, where: str) -> str:
     return text
 
 
+def _id_types(value: object, where: str) -> tuple[IdType, ...]:
+    allowed = ", ".join(ID_TYPES)
+    if not isinstance(value, list) or not value:
+        raise MappingsError(f"{where}: must be a non-empty list of id types ({allowed})")
+    known: dict[str, IdType] = {**{t: t for t in ID_TYPES}, **_ID_TYPE_ALIASES}
+    out: list[IdType] = []
+    for item in value:
+        id_type = known.get(item) if isinstance(item, str) else None
+        if id_type is None:
+            shown = item if isinstance(item, str) else type(item).__name__
+            raise MappingsError(
+                f"{where}: unknown id type {str(shown)[:40]!r} (allowed: {allowed}; GAID_SHA256 = AAID_SHA256)"
+            )
+        if id_type in out:
+            raise MappingsError(f"{where}: {id_type} listed twice")
+        out.append(id_type)
+    return tuple(t for t in ID_TYPES if t in out)
+
+
+def _number(value: object, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise MappingsError(f"{where}: must be a number of seconds between {lo:g} and {hi:g}")
+    return float(value)
+
+
+def _count(value: object, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise MappingsError(f"{where}: must be an integer between {lo} and {hi:,}")
+    return value
+
+
 def _entry(key: str, raw: object, where: str) -> AudienceMapping:
     if not isinstance(raw, dict):
         raise MappingsError(f"{where}: must be a mapping with advertiser_id and audience_id")
@@ -110,12 +226,64 @@ def _entry(key: str, raw: object, where: str) -> AudienceMapping:
         raise MappingsError(f"{where}.audience_name: must be a non-empty string")
     adv = None if advertiser_id is None else _digits(advertiser_id, f"{where}.advertiser_id")
     aud = None if audience_id is None else _digits(audience_id, f"{where}.audience_id")
-    if aud is None:
-        if create and audience_name is None:
-            raise MappingsError(f"{where}.audience_name: required with create_if_missing: true")
-        if not create:
-            raise MappingsError(f"{where}.audience_id: missing; set it, or audience_name with create_if_missing: true")
-    return AudienceMapping(key, adv, aud, audience_name.strip() if audience_name else None, create)
+    if aud is None and not create:
+        raise MappingsError(
+            f"{where}.audience_id: missing; set it, or create_if_missing: true (audience_name optional)"
+        )
+
+    mode = raw.get("mode", "stream")
+    if mode not in MODES:
+        raise MappingsError(f"{where}.mode: must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    file = mode == "file"
+    id_types = _id_types(raw["id_types"], f"{where}.id_types") if "id_types" in raw else None
+    if file and (id_types is None or len(id_types) != 1):
+        contracts = ", ".join(f"{t} ({c})" for t, c in CONTRACT_FOR_ID_TYPE.items())
+        raise MappingsError(
+            f"{where}.id_types: mode: file needs exactly one id type, since a customer-file audience holds one "
+            f"calculate_type (one of {contracts})"
+        )
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise MappingsError(f"{where}.enabled: must be true or false")
+
+    region = raw.get("phone_region")
+    if region is not None:
+        if not isinstance(region, str) or not is_supported_region(region.strip().upper()):
+            raise MappingsError(
+                f"{where}.phone_region: must be a region code phonenumbers knows (e.g. US, GB, DE), "
+                f"got {str(region)[:40]!r}"
+            )
+        region = region.strip().upper()
+        if id_types is not None and "PHONE_SHA256" not in id_types:
+            raise MappingsError(f"{where}.phone_region: set, but id_types does not include PHONE_SHA256")
+
+    name = audience_name.strip() if audience_name else (key if create else None)
+    if file and name is not None and len(name) > AUDIENCE_NAME_MAX:
+        raise MappingsError(
+            f"{where}.audience_name: {len(name)} characters; a customer-file audience name has at most "
+            f"{AUDIENCE_NAME_MAX}"
+        )
+
+    for field in _FILE_ONLY_KEYS:
+        if field in raw and not file:
+            raise MappingsError(f"{where}.{field}: only for mode: file")
+    interval = raw.get("file_interval_s")
+    max_rows = raw.get("file_max_rows")
+    return AudienceMapping(
+        key,
+        adv,
+        aud,
+        name,
+        create,
+        mode=mode,
+        id_types=id_types,
+        enabled=enabled,
+        phone_region=region,
+        file_interval_s=None
+        if interval is None
+        else _number(interval, f"{where}.file_interval_s", FILE_INTERVAL_MIN_S, FILE_INTERVAL_MAX_S),
+        file_max_rows=None if max_rows is None else _count(max_rows, f"{where}.file_max_rows", 1, FILE_MAX_ROWS_MAX),
+    )
 
 
 def parse_mappings(data: object, source: str = "<mappings>") -> Mappings:

@@ -333,12 +333,20 @@ class Resolver:
                         aaid = ad_id if self._aaid else None
                     elif self._idfa:
                         idfa = ad_id
-        identifiers, errors = self._hash(email, phone, idfa, aaid)
+        mapping = self.mappings.get(audience_key) if audience_key is not None else None
+        region = self._region
+        if mapping is not None and mapping.restricts:
+            skip = _entry_skip(mapping)
+            if skip is not None:
+                return skip, ()
+            region = mapping.effective_phone_region(region)
+        identifiers, errors = self._hash(email, phone, idfa, aaid, region)
+        if mapping is not None and mapping.id_types is not None:
+            identifiers = _contract(identifiers, mapping.id_types)
         if not identifiers:
-            return self._no_identifiers(self._segment_fields, errors), errors
+            return self._no_identifiers(self._segment_fields, errors, mapping), errors
 
         audience_id = explicit_aud or personas_aud
-        mapping = self.mappings.get(audience_key) if audience_key is not None else None
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
             if audience_id is None and not _creatable(mapping):
@@ -384,16 +392,25 @@ class Resolver:
         if isinstance(explicit_adv, Rejected):
             return explicit_adv, ()
 
+        mapping = self.mappings.get(audience_key)
+        region = self._region
+        if mapping is not None and mapping.restricts:
+            skip = _entry_skip(mapping)
+            if skip is not None:
+                return skip, ()
+            region = mapping.effective_phone_region(region)
         identifiers, errors = self._hash(
             ev.get("email") if self._email else None,
             ev.get("phone") if self._phone else None,
             ev.get("idfa") if self._idfa else None,
             ev.get("aaid") if self._aaid else None,
+            region,
         )
+        if mapping is not None and mapping.id_types is not None:
+            identifiers = _contract(identifiers, mapping.id_types)
         if not identifiers:
-            return self._no_identifiers(self._canonical_fields, errors), errors
+            return self._no_identifiers(self._canonical_fields, errors, mapping), errors
 
-        mapping = self.mappings.get(audience_key)
         audience_id = explicit_aud
         if audience_id is None:
             audience_id = mapping.audience_id if mapping is not None else None
@@ -424,7 +441,7 @@ class Resolver:
     # -- shared ----------------------------------------------------------------------------------------------
 
     def _hash(
-        self, email: object, phone: object, idfa: object, aaid: object
+        self, email: object, phone: object, idfa: object, aaid: object, region: str
     ) -> tuple[tuple[tuple[IdType, str], ...], tuple[MatchError, ...]]:
         """Hashed identifiers in `ID_TYPES` order, and the ones dropped as invalid."""
         ids: list[tuple[IdType, str]] = []
@@ -436,7 +453,7 @@ class Resolver:
             elif result is not None:
                 errors.append(result)
         if phone is not None:
-            result = hash_phone(phone, self._region)
+            result = hash_phone(phone, region)
             if isinstance(result, str):
                 ids.append(("PHONE_SHA256", result))
             elif result is not None:
@@ -462,15 +479,23 @@ class Resolver:
             self._ids[value] = result
         return result
 
-    def _no_identifiers(self, fields: str, errors: tuple[MatchError, ...]) -> Rejected:
+    def _no_identifiers(
+        self, fields: str, errors: tuple[MatchError, ...], mapping: AudienceMapping | None = None
+    ) -> Rejected:
         if errors:
             dropped = ", ".join(f"{e.id_type}: {e.reason}" for e in errors)
             detail = f"{len(errors)} dropped as invalid ({dropped})"
         else:
             detail = "none present"
+        contract = ""
+        if mapping is not None and mapping.id_types is not None:
+            contract = (
+                f"; MAPPINGS_FILE entry audiences.{_short(mapping.audience_key)}.id_types sends only "
+                f"{', '.join(mapping.id_types)}"
+            )
         return Rejected(
             DlqReason.NO_IDENTIFIERS,
-            f"no usable identifier: looked at {fields}; {detail}{self._disabled_note}",
+            f"no usable identifier: looked at {fields}; {detail}{self._disabled_note}{contract}",
         )
 
     def _mapping_status(self, has_entry: bool, field: str) -> str:
@@ -530,6 +555,32 @@ class Resolver:
             f"no TikTok advertiser id {subject}: looked for {looked}, {mapping} and DEFAULT_ADVERTISER_ID "
             "(not set); add advertiser_id to the mapping or set DEFAULT_ADVERTISER_ID, then replay",
         )
+
+
+DISABLED_AUDIENCE: Final = Skipped("audience_disabled")
+FILE_AUDIENCE: Final = Skipped("file_audience")
+
+
+def _entry_skip(mapping: AudienceMapping) -> Skipped | None:
+    """A mappings entry that takes no streamed records.
+
+    `enabled: false` pauses the entry by skipping its records (counted as `audience_disabled`; they are not
+    replayable: re-enable, and a `refresh` or the next events bring the audience up to date). A `mode: file`
+    entry is fed by `audience-sync refresh` (customer-file REPLACE); streaming its events into files is not built
+    yet, so its records are skipped (`file_audience`) rather than sent to the wrong kind of audience.
+    """
+    if not mapping.enabled:
+        return DISABLED_AUDIENCE
+    if mapping.is_file:
+        return FILE_AUDIENCE
+    return None
+
+
+def _contract(
+    identifiers: tuple[tuple[IdType, str], ...], allowed: tuple[IdType, ...]
+) -> tuple[tuple[IdType, str], ...]:
+    """Only the identifier types the entry's `id_types` names (its data contract)."""
+    return tuple([p for p in identifiers if p[0] in allowed])
 
 
 def _creatable(mapping: AudienceMapping | None) -> bool:

@@ -33,6 +33,10 @@ class DlqReason(StrEnum):
     TIKTOK_REJECTED = "tiktok_rejected"
     TIKTOK_PERMISSION = "tiktok_permission"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    # Offline conversion events (service/core/offline.py, docs/tiktok-api.md §8.4).
+    INVALID_EVENT = "invalid_event"
+    EVENT_TOO_OLD = "event_too_old"
+    MISSING_EVENT_SET_ID = "missing_event_set_id"
 
 
 class AudienceChange(NamedTuple):

@@ -21,6 +21,9 @@ from fastavro.schema import to_parsing_canonical_form
 SCHEMAS_DIR: Final[Path] = Path(__file__).resolve().parents[2] / "schemas"
 CANONICAL_AVRO_PATH: Final[Path] = SCHEMAS_DIR / "audience_membership.avsc"
 CANONICAL_JSON_SCHEMA_PATH: Final[Path] = SCHEMAS_DIR / "audience_membership.json"
+# The offline conversion event (service/core/offline.py): first field `offline_event`, always true.
+OFFLINE_AVRO_PATH: Final[Path] = SCHEMAS_DIR / "offline_event.avsc"
+OFFLINE_JSON_SCHEMA_PATH: Final[Path] = SCHEMAS_DIR / "offline_event.json"
 
 # Fields a writer schema must have: without them no record it writes can be resolved.
 _REQUIRED_FIELDS: Final[tuple[str, ...]] = ("audience_key", "action")
@@ -42,6 +45,13 @@ class SchemaError(ValueError):
 def load_canonical_schema() -> dict[str, Any]:
     """The bundled `.avsc` as plain JSON data (fresh parse once; callers must not mutate it)."""
     data: dict[str, Any] = orjson.loads(CANONICAL_AVRO_PATH.read_bytes())
+    return data
+
+
+@lru_cache(maxsize=1)
+def load_offline_schema() -> dict[str, Any]:
+    """The bundled offline-event `.avsc` as plain JSON data (fresh parse once; callers must not mutate it)."""
+    data: dict[str, Any] = orjson.loads(OFFLINE_AVRO_PATH.read_bytes())
     return data
 
 

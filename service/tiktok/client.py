@@ -73,15 +73,36 @@ class TikTokClient:
             await self._control.turn()
         return await self._call_with_data("GET", path, params=params)
 
+    async def post_form(
+        self, path: str, form: aiohttp.FormData, *, timeout_s: float | None = None
+    ) -> tuple[Answer, dict[str, Any]]:
+        """multipart/form-data POST (customer-file upload); aiohttp writes the Content-Type with its boundary.
+
+        A FormData can be sent once only: build a new one per attempt. `timeout_s` overrides the client's total
+        timeout, for uploads larger than a JSON call.
+        """
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
+        return await self._call_with_data("POST", path, data=form, json_body=False, timeout=timeout)
+
     async def _call(self, method: str, path: str, **kw: Any) -> Answer:
         answer, _ = await self._call_with_data(method, path, **kw)
         return answer
 
-    async def _call_with_data(self, method: str, path: str, **kw: Any) -> tuple[Answer, dict[str, Any]]:
-        headers = {"Access-Token": self._token(), "Content-Type": "application/json"}
+    async def _call_with_data(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: bool = True,
+        timeout: aiohttp.ClientTimeout | None = None,
+        **kw: Any,
+    ) -> tuple[Answer, dict[str, Any]]:
+        headers = {"Access-Token": self._token()}
+        if json_body:
+            headers["Content-Type"] = "application/json"
         try:
             async with self._session.request(
-                method, self._base + path, headers=headers, timeout=self._timeout, **kw
+                method, self._base + path, headers=headers, timeout=timeout or self._timeout, **kw
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

@@ -23,15 +23,17 @@ from service.commands.doctor import (
     check_mappings,
     check_token,
     check_topics,
+    entry_settings,
     exit_code,
     main,
     make_plan,
+    render_entries,
     render_json,
     render_text,
     tiktok_hint,
 )
 from service.core.answers import Answer, Verdict
-from service.core.mappings import AudienceMapping, Mappings, MappingsError
+from service.core.mappings import AudienceMapping, Mappings, MappingsError, parse_mappings
 from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sandbox import SandboxThread
 from service.tiktok.audiences_api import AudienceInfo, TikTokApiError, UserInfo
@@ -202,6 +204,13 @@ def run(capsys: pytest.CaptureFixture[str], environ: dict[str, str], *args: str)
     return rc, json.loads(out)
 
 
+def split_report(out: str) -> tuple[list[str], list[str]]:
+    """(check lines with their hints, the entries table) of a text report; the counts line is left out."""
+    lines = out.splitlines()[:-1]
+    cut = next((i for i, line in enumerate(lines) if line.startswith("entries (")), len(lines))
+    return lines[:cut], lines[cut:]
+
+
 def by_subject(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     checks = doc["checks"]
     return {f"{c['check']}:{c['subject']}": c for c in checks}
@@ -213,7 +222,20 @@ def test_all_green(doctor_env: DoctorEnv, topics: Topics, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.splitlines()[-1] == "doctor: 0 failed, 0 warning(s), 8 ok, 0 skipped"
-    assert all(line.startswith(("✓", "doctor:")) for line in out.splitlines()), out
+    checks, entries = split_report(out)
+    assert all(line.startswith("✓") for line in checks), out
+    assert entries[0] == "entries (2), effective settings:"
+    assert entries[2].split() == [
+        "vip",
+        "stream",
+        "email,phone,idfa,aaid",
+        "(all)",
+        "yes",
+        "555",
+        "US",
+        "(default)",
+        "-",
+    ]
     assert f"{topics.source}: source topic, 4 partition(s)" in out
     assert f"{topics.dlq}: DLQ topic, 1 partition(s)" in out
     assert "will be created on first event" in out and "5,000 member(s)" in out
@@ -239,6 +261,9 @@ def test_json_shape(doctor_env: DoctorEnv, topics: Topics, capsys: pytest.Captur
     ]
     assert all(set(c) == {"check", "subject", "status", "detail", "hint"} for c in checks)
     assert by_subject(doc)[f"topic:{topics.source}"]["status"] == "ok"
+    vip, seed = doc["entries"]
+    assert vip["audience_key"] == "vip" and vip["mode"] == "stream" and vip["contract"] is None
+    assert seed["audience_name"] == "Lookalike seed - Q4" and seed["create_if_missing"] is True
 
 
 @pytest.mark.integration
@@ -340,7 +365,8 @@ def test_console_entry_point(doctor_env: DoctorEnv, topics: Topics) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[-1] == "doctor: 0 failed, 0 warning(s), 8 ok, 0 skipped", ok.stdout
-    assert all(line.startswith(("OK ", "doctor:")) for line in lines), ok.stdout
+    checks, entries = split_report(ok.stdout)
+    assert all(line.startswith("OK ") for line in checks) and len(entries) == 4, ok.stdout
     assert any(f"{topics.source}: source topic, 4 partition(s)" in line for line in lines)
     assert any("5,000 member(s)" in line for line in lines)
     assert TOKEN not in ok.stdout + ok.stderr
@@ -423,3 +449,132 @@ def test_admin_config_reuses_kafka_passthrough() -> None:
     assert conf["bootstrap.servers"] == "b:9092" and conf["security.protocol"] == "SASL_SSL"
     assert "session.timeout.ms" not in conf and "enable.idempotence" not in conf and "acks" not in conf
     assert conf["log_level"] == "0"
+
+
+# -- effective settings per entry ---------------------------------------------------------------------------------
+
+CONTRACTS = parse_mappings(
+    {
+        "audiences": {
+            "vip": {"advertiser_id": ADV, "audience_id": "555"},
+            "crm": {
+                "mode": "file",
+                "id_types": ["EMAIL_SHA256"],
+                "create_if_missing": True,
+                "file_interval_s": 3600,
+                "file_max_rows": 50000,
+            },
+            "app": {
+                "advertiser_id": OTHER,
+                "audience_id": "7",
+                "id_types": ["PHONE_SHA256", "GAID_SHA256"],
+                "phone_region": "GB",
+                "enabled": False,
+                "audience_name": "App users",
+            },
+            "android": {"audience_id": "8", "mode": "file", "id_types": ["AAID_SHA256"]},
+        }
+    }
+)
+
+
+def test_entry_settings_resolve_every_default() -> None:
+    docs = {d["audience_key"]: d for d in (entry_settings(e, "42", "US") for e in CONTRACTS)}
+    vip, crm, app, android = docs["vip"], docs["crm"], docs["app"], docs["android"]
+    assert vip["id_types"] == ["EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"] and vip["id_types_default"]
+    assert (vip["mode"], vip["contract"], vip["enabled"]) == ("stream", None, True)
+    assert (vip["phone_region"], vip["phone_region_source"]) == ("US", "PHONE_DEFAULT_REGION")
+    assert (vip["advertiser_id"], vip["advertiser_source"]) == (ADV, "entry")
+    assert (crm["mode"], crm["contract"], crm["id_types"]) == ("file", "EMAIL_SHA256", ["EMAIL_SHA256"])
+    assert (crm["audience_name"], crm["audience_name_default"], crm["audience_id"]) == ("crm", True, None)
+    assert (crm["advertiser_id"], crm["advertiser_source"]) == ("42", "DEFAULT_ADVERTISER_ID")
+    assert crm["phone_region"] is None and crm["phone_region_source"] is None  # no phones sent: no region
+    assert (crm["file_interval_s"], crm["file_max_rows"]) == (3600.0, 50000)
+    assert app["enabled"] is False and app["id_types"] == ["PHONE_SHA256", "AAID_SHA256"]
+    assert (app["phone_region"], app["phone_region_source"]) == ("GB", "entry")
+    assert app["audience_name"] == "App users" and app["audience_name_default"] is False
+    assert android["contract"] == "GAID_SHA256"
+    assert entry_settings(AudienceMapping("x", None, "1"), None, "US")["advertiser_source"] is None
+    json.dumps(list(docs.values()))  # JSON-ready
+
+
+def test_entries_table() -> None:
+    lines = render_entries([entry_settings(e, "42", "US") for e in CONTRACTS])
+    assert lines[0] == "entries (4), effective settings:"
+    header, vip, crm, app, android = (line.strip().split("  ") for line in lines[1:])
+    rows = {r[0].strip(): [c.strip() for c in r if c.strip()] for r in (vip, crm, app, android)}
+    assert [c.strip() for c in header if c.strip()] == [
+        "entry",
+        "mode",
+        "id types",
+        "enabled",
+        "audience",
+        "phone region",
+        "file cadence",
+    ]
+    assert rows["vip"] == ["vip", "stream", "email,phone,idfa,aaid (all)", "yes", "555", "US (default)", "-"]
+    assert rows["crm"] == [
+        "crm",
+        "file EMAIL_SHA256",
+        "email",
+        "yes",
+        'create "crm" (the key)',
+        "-",
+        "every 3600s or 50,000 users",
+    ]
+    assert rows["app"] == ["app", "stream", "phone,aaid", "NO (paused)", "7", "GB", "-"]
+    assert rows["android"][:3] == ["android", "file GAID_SHA256", "aaid"]
+    assert render_entries([]) == []
+    vip_entry = CONTRACTS.get("vip")
+    assert vip_entry is not None
+    broker = [Check("broker", "b", Status.OK, "fine")]
+    text = render_text(broker, unicode=False, entries=[entry_settings(vip_entry, None, "US")])
+    assert text.splitlines()[1].startswith("entries (1)") and text.splitlines()[-1].startswith("doctor: 0 failed")
+
+
+def test_file_entry_on_a_partner_audience_fails() -> None:
+    crm = AudienceMapping("crm", ADV, "555", mode="file", id_types=("EMAIL_SHA256",))
+    partner = check_audience(crm, ADV, info(5000))
+    assert partner.status is Status.FAIL and "is a Partner audience" in partner.detail
+    assert "audiences.crm.mode: stream" in (partner.hint or "")
+    customer = AudienceInfo("555", "n", 5000, True, "Customer File Audience", "", "")
+    assert check_audience(crm, ADV, customer).status is Status.OK
+    assert check_audience(ENTRY, ADV, info(5000)).status is Status.OK  # a streaming entry: not its business
+
+
+def test_file_create_if_missing_names_are_not_truncated() -> None:
+    long = "L" * 80
+    entry = AudienceMapping("seed", ADV, None, long, True, mode="file", id_types=("EMAIL_SHA256",))
+    ok = check_create_if_missing(entry, ADV, [info(0, "L" * 67 + "...", "99")])
+    assert ok.status is Status.OK and "first `audience-sync refresh`" in ok.detail
+    assert check_create_if_missing(entry, ADV, [info(0, long, "99")]).status is Status.WARN
+
+
+@pytest.mark.integration
+def test_entries_in_the_report(doctor_env: DoctorEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    mappings = {
+        "audiences": {
+            "vip": {"advertiser_id": ADV, "audience_id": "555", "id_types": ["EMAIL_SHA256"]},
+            "crm": {"mode": "file", "id_types": ["PHONE_SHA256"], "phone_region": "de", "create_if_missing": True},
+        }
+    }
+    rc = main(["--timeout", "5", "--ascii"], doctor_env(mappings))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _, entries = split_report(out)
+    assert entries[2].split() == ["vip", "stream", "email", "yes", "555", "-", "-"]
+    assert entries[3].split() == [
+        "crm",
+        "file",
+        "PHONE_SHA256",
+        "phone",
+        "yes",
+        "create",
+        '"crm"',
+        "(the",
+        "key)",
+        "DE",
+        "-",
+    ]
+    rc, doc = run(capsys, doctor_env("audiences:\n  vip: {audience_id: abc}\n"))
+    assert rc == 1 and doc["entries"] == []  # an invalid file has no settings to show; its check says why

@@ -53,6 +53,13 @@ def test_batch_too_large_splits() -> None:
     assert classify(413, None) is Verdict.SPLIT
 
 
+def test_customer_file_codes() -> None:
+    assert classify(200, 40907) is Verdict.SPLIT  # FILE_TOO_LARGE: write smaller files
+    assert [classify(200, c) for c in (40906, 40908, 40909)] == [Verdict.REJECTED] * 3
+    assert [classify(200, c) for c in (40905, 40910)] == [Verdict.RETRY] * 2  # upload the file again
+    assert Answer(Verdict.SPLIT, 200, 40907, "").code_label == "40907"
+
+
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_retryable_http(status: int) -> None:
     assert classify(status, None) is Verdict.RETRY

@@ -8,7 +8,7 @@ import phonenumbers
 import pytest
 
 from service.core import identifiers
-from service.core.identifiers import hash_ad_id, hash_email, hash_phone, normalise_phone
+from service.core.identifiers import hash_ad_id, hash_email, hash_external_id, hash_phone, normalise_phone
 from service.core.model import MatchError
 
 TESTING_EMAIL = "584c4423c421df49955759498a71495aba49b8780eb9387dff333b6f0982c777"
@@ -164,3 +164,21 @@ def test_region_support() -> None:
     assert identifiers.is_supported_region("US")
     assert identifiers.is_supported_region("GB")
     assert not identifiers.is_supported_region("XX")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Loyalty-42", sha("loyalty-42")),
+        (" LOYALTY-42\n", sha("loyalty-42")),
+        (42, sha("42")),
+        (sha("x").upper(), sha("x")),  # already hashed: passes through lowercased
+        (" ", None),
+        (None, None),
+        (4.2, MatchError("EXTERNAL_ID_SHA256", "not_a_string")),
+        (True, MatchError("EXTERNAL_ID_SHA256", "not_a_string")),
+    ],
+)
+def test_external_id(raw: object, expected: object) -> None:
+    """TikTok's `external_id` (offline events): trim + lowercase + SHA-256, like Segment's formatUserIds."""
+    assert hash_external_id(raw) == expected

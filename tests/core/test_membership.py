@@ -878,3 +878,73 @@ _HYPOTHESIS_RESOLVER = make_resolver(default_advertiser_id="1")
 def test_invalid_settings(kw: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         make_resolver(**kw)
+
+
+# -- the per-entry contract of the mappings file -------------------------------------------------------------
+
+ENTRY_MAPPINGS = parse_mappings(
+    {
+        "audiences": {
+            "emails_only": {"advertiser_id": "7654321098765432109", "audience_id": "11", "id_types": ["EMAIL_SHA256"]},
+            "phones_only": {"advertiser_id": "7654321098765432109", "audience_id": "12", "id_types": ["PHONE_SHA256"]},
+            "paused": {"advertiser_id": "7654321098765432109", "audience_id": "13", "enabled": False},
+            "crm_file": {
+                "advertiser_id": "7654321098765432109",
+                "audience_id": "14",
+                "mode": "file",
+                "id_types": ["EMAIL_SHA256"],
+            },
+            "uk": {"advertiser_id": "7654321098765432109", "audience_id": "15", "phone_region": "GB"},
+        }
+    },
+    "mappings.yaml",
+)
+
+
+def canonical_for(key: str, **ids: str) -> bytes:
+    return orjson.dumps({"audience_key": key, "action": "add", "user_id": "u1", **ids})
+
+
+def resolve_entry(value: bytes) -> Processed:
+    return Resolver(ResolverSettings(), ENTRY_MAPPINGS, SchemaStore()).process(value, None)
+
+
+def test_id_types_sends_only_the_entrys_identifier_types() -> None:
+    out = resolve_entry(canonical_for("emails_only", email="Testing@Example.com", phone="+15555555555"))
+    assert isinstance(out.outcome, AudienceChange)
+    assert out.outcome.identifiers == (("EMAIL_SHA256", sha("testing@example.com")),)
+    segment = resolve_entry(
+        orjson.dumps(
+            {
+                "type": "track",
+                "event": "Audience Entered",
+                "context": {
+                    "personas": {"computation_key": "emails_only"},
+                    "traits": {"email": "testing@example.com", "phone": "+15555555555"},
+                },
+                "properties": {"emails_only": True},
+            }
+        )
+    )
+    assert isinstance(segment.outcome, AudienceChange)
+    assert segment.outcome.identifiers == (("EMAIL_SHA256", sha("testing@example.com")),)
+
+
+def test_a_record_with_none_of_the_entrys_types_is_no_identifiers_and_says_why() -> None:
+    out = resolve_entry(canonical_for("phones_only", email="testing@example.com"))
+    assert isinstance(out.outcome, Rejected) and out.outcome.reason is DlqReason.NO_IDENTIFIERS
+    assert "audiences.phones_only.id_types sends only PHONE_SHA256" in out.outcome.error
+    assert "testing@example.com" not in out.outcome.error
+
+
+def test_a_disabled_entry_and_a_file_entry_skip_their_records() -> None:
+    assert resolve_entry(canonical_for("paused", email="a@b.co")).outcome == Skipped("audience_disabled")
+    assert resolve_entry(canonical_for("crm_file", email="a@b.co")).outcome == Skipped("file_audience")
+
+
+def test_an_entrys_phone_region_applies_to_its_national_numbers() -> None:
+    uk = resolve_entry(canonical_for("uk", phone="020 7946 0958"))
+    assert isinstance(uk.outcome, AudienceChange)
+    assert uk.outcome.identifiers == (("PHONE_SHA256", sha("+442079460958")),)
+    us = resolve_entry(canonical_for("emails_only", phone="020 7946 0958", email="a@b.co"))
+    assert isinstance(us.outcome, AudienceChange) and us.outcome.identifiers[0][0] == "EMAIL_SHA256"

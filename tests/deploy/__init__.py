@@ -26,6 +26,18 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "audience-sync.json"
 RUNBOOK_BASE = "https://github.com/OWNER/tiktok-audience-sync/blob/main/README.md#"
 
 _METRIC_RE = re.compile(r"\baudience_sync_[a-zA-Z0-9_]+\b")
+_KUBE_METRIC_RE = re.compile(r"\bkube_[a-zA-Z0-9_]+\b")
+
+# Series of other exporters an alert may use where the service has none: kube-state-metrics' CronJob metrics for
+# the scheduled `refresh` (a CLI run serves no /metrics). Names as kube-state-metrics v2 exports them.
+KUBE_STATE_METRICS = frozenset(
+    {
+        "kube_cronjob_status_last_successful_time",
+        "kube_cronjob_status_last_schedule_time",
+        "kube_cronjob_next_schedule_time",
+        "kube_cronjob_created",
+    }
+)
 
 
 def load_yaml(path: Path) -> Any:
@@ -58,6 +70,11 @@ def exported_metric_names() -> set[str]:
 def metric_names_in(expr: str) -> set[str]:
     """The project's metric names a PromQL expression mentions."""
     return set(_METRIC_RE.findall(expr))
+
+
+def kube_metric_names_in(expr: str) -> set[str]:
+    """The kube-state-metrics names a PromQL expression mentions."""
+    return set(_KUBE_METRIC_RE.findall(expr))
 
 
 def alert_rules() -> list[dict[str, Any]]:

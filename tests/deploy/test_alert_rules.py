@@ -15,11 +15,13 @@ from ..conftest import require_tool
 from . import (
     ALERTS,
     ALERTS_TEST,
+    KUBE_STATE_METRICS,
     PROMETHEUS_YML,
     ROOT,
     RUNBOOK_BASE,
     alert_rules,
     exported_metric_names,
+    kube_metric_names_in,
     load_yaml,
     metric_names_in,
 )
@@ -37,6 +39,7 @@ RUNBOOK_ANCHORS = {
     "runbook-audience-invalid",
     "runbook-audience-expiring",
     "runbook-quota",
+    "runbook-refresh-overdue",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"
@@ -108,11 +111,36 @@ def test_the_readme_has_every_runbook_section() -> None:
 
 
 def test_alert_expressions_use_only_exported_metrics() -> None:
+    """The service's own metrics, or (where the service serves none: a scheduled CLI run) kube-state-metrics'."""
     exported = exported_metric_names()
     for rule in alert_rules():
         used = metric_names_in(rule["expr"])
-        assert used, f"{rule['alert']} uses none of the service's metrics"
+        kube = kube_metric_names_in(rule["expr"])
+        assert used or kube, f"{rule['alert']} uses none of the service's metrics"
         assert used <= exported, f"{rule['alert']}: unknown metrics {sorted(used - exported)}"
+        assert kube <= KUBE_STATE_METRICS, (
+            f"{rule['alert']}: unknown kube-state-metrics {sorted(kube - KUBE_STATE_METRICS)}"
+        )
+
+
+def test_refresh_alert_watches_only_the_refresh_cronjobs() -> None:
+    """Every kube-state-metrics selector of the refresh alert names the refresh CronJobs (another team's failing
+    CronJob must not page us), and the CronJob manifest's name matches that selector."""
+    import re as regex
+
+    from . import K8S, load_yaml_all
+
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AudienceSyncRefreshOverdue"]
+    selectors = regex.findall(r"(kube_[a-z_]+)(\{[^}]*\})?", rule["expr"])
+    outer = [(name, sel) for name, sel in selectors if sel]
+    assert {name for name, _ in outer} == KUBE_STATE_METRICS, outer
+    (pattern,) = {sel for _, sel in outer}
+    cronjobs = [d for d in load_yaml_all(K8S / "refresh-cronjob.yaml") if d["kind"] == "CronJob"]
+    assert cronjobs
+    wanted = regex.fullmatch(r'\{cronjob=~"(.+)"\}', pattern)
+    assert wanted is not None, pattern
+    for cj in cronjobs:
+        assert regex.fullmatch(wanted.group(1), cj["metadata"]["name"]), cj["metadata"]["name"]
 
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:

@@ -195,7 +195,7 @@ def assert_all_valid(docs: list[tuple[str, dict[str, Any]]], version: str) -> No
     ]
     assert not problems, "\n".join(problems)
     kinds = {doc["kind"] for _, doc in docs}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "Namespace"} <= kinds
+    assert {"Deployment", "CronJob", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "Namespace"} <= kinds
     assert {kind for _, kind in CRD_KINDS} <= kinds
 
 
@@ -251,7 +251,9 @@ def test_kustomization_renders_the_files_with_only_the_expected_changes(rendered
         want["metadata"].setdefault("labels", {}).update(labels)
         if doc["kind"] != "Namespace":
             want["metadata"]["namespace"] = kust["namespace"]
-        for c in want.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        spec = want.get("spec", {})
+        pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec", {})  # CronJob or not
+        for c in pod.get("containers", []):
             c["image"] = images.get(c["image"].rpartition(":")[0], c["image"])
         expected[(doc["kind"], doc["metadata"]["name"])] = want
     got = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
@@ -262,6 +264,8 @@ def test_kustomization_renders_the_files_with_only_the_expected_changes(rendered
     dep = got[("Deployment", "audience-sync")]
     assert set(labels).isdisjoint(dep["spec"]["selector"]["matchLabels"]), "includeSelectors: false"
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/owner/tiktok-audience-sync:0.1.0"
+    job = got[("CronJob", "audience-sync-refresh")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert job["containers"][0]["image"] == "ghcr.io/owner/tiktok-audience-sync:0.1.0"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -393,6 +397,55 @@ def test_deployment_probes_resources_and_security() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert "replicas" not in k8s_one("Deployment")["spec"], "KEDA owns the replica count"
+
+
+def refresh_cronjob() -> dict[str, Any]:
+    return k8s_one("CronJob", "audience-sync-refresh")
+
+
+def test_refresh_cronjob_runs_refresh_like_the_deployment() -> None:
+    """Same image, environment, token and mappings as the Deployment, as securely; one run at a time; its
+    arguments parse with the command's own parser and name a `mode: file` entry of the mappings ConfigMap."""
+    from service.commands.refresh import build_parser
+    from service.core.mappings import parse_mappings
+
+    cron = refresh_cronjob()
+    spec = cron["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid", "two REPLACEs of one audience must not race"
+    assert spec["schedule"] and spec.get("timeZone")
+    job = spec["jobTemplate"]["spec"]
+    assert 0 < job["activeDeadlineSeconds"] <= 3 * 3600, "the overdue alert allows one period plus 3 h"
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    (c,) = pod["containers"]
+    dep_pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    dep = deployment_container()
+    assert c["image"] == dep["image"] and c["envFrom"] == dep["envFrom"]
+    assert pod["securityContext"] == dep_pod["securityContext"] and c["securityContext"] == dep["securityContext"]
+    assert pod["volumes"] == dep_pod["volumes"] and c["volumeMounts"] == dep["volumeMounts"]
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind]), kind
+    assert "ports" not in c and "livenessProbe" not in c, "a CLI run serves nothing"
+
+    args = c["args"]
+    assert args[0] == "refresh" and "--json" in args
+    parsed = build_parser().parse_args(args[1:])
+    mappings_text = k8s_one("ConfigMap", "audience-sync-mappings")["data"]["mappings.yaml"]
+    entry = parse_mappings(yaml.safe_load(mappings_text)).get(parsed.audience_key)
+    assert entry is not None and entry.is_file, f"{parsed.audience_key} must be a mode: file entry"
+    assert parsed.source.kind in ("kafka", "csv")
+
+
+def test_refresh_pods_are_neither_scraped_nor_in_the_pdb() -> None:
+    """The Service (scraped by the ServiceMonitor) and the PDB select the consumer's pods only: a refresh pod
+    behind the Service would be a target that never answers, and in the PDB it would count against the consumers."""
+    pod_labels = refresh_cronjob()["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        k8s_one("Service")["spec"]["selector"],
+        k8s_one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= pod_labels.items(), selector
 
 
 def test_rolling_update_never_surges() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -146,3 +147,29 @@ def test_bad_and_non_audience_records_land_where_the_contract_says(
     assert svc.stop() == 0
     ends = committed(broker, topics.group, topics.source, topics.partitions)
     assert sum(max(0, v) for v in ends.values()) == len(records), "skipped and dead-lettered offsets committed"
+
+
+def test_an_entry_with_id_types_email_only_sends_only_emails(
+    broker: LocalBroker,
+    topics: Topics,
+    sandbox: SandboxThread,
+    service_env: Callable[..., dict[str, str]],
+    services: Callable[[dict[str, str]], ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    """Mixed identifiers (email, phone, ad ids) for every audience; the mappings entry of one audience says
+    `id_types: [EMAIL_SHA256]`: TikTok ends with only email cells there, every type elsewhere."""
+    contract, other = DEFAULT_AUDIENCES[0], DEFAULT_AUDIENCES[1]
+    path = tmp_path / "mappings.yaml"
+    path.write_text(
+        f"audiences:\n  {contract.key}:\n    advertiser_id: \"{contract.advertiser_id}\"\n"
+        f"    audience_id: \"{contract.audience_id}\"\n    id_types: [EMAIL_SHA256]\n"
+    )
+    events = list(generate(900, seed=31, users=300))
+    expected = expected_membership(events)
+    expected[contract.audience_id] = {"EMAIL_SHA256": expected[contract.audience_id]["EMAIL_SHA256"]}
+    assert {"PHONE_SHA256", "EMAIL_SHA256"} <= set(expected[other.audience_id]), "the input really is mixed"
+    send(broker, topics, events)
+    svc = services(service_env(sandbox.url, MAPPINGS_FILE=str(path)))
+    wait_until(lambda: membership(sandbox) == expected, 60, "only emails in the email-only audience")
+    assert svc.stop() == 0

@@ -1,4 +1,5 @@
-"""Local stand-in for TikTok's Business API: strict validation, in-memory membership, injected faults.
+"""Local stand-in for TikTok's Business API: strict validation, in-memory membership and received offline events
+(`event/track/`, de-duplicated like TikTok within 48 hours), injected faults.
 
 Serves `/open_api/v1.3/...` (TikTok) and `/_sandbox/...` (control API for tests and the demo) over loopback.
 """

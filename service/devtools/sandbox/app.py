@@ -1,5 +1,5 @@
-"""aiohttp application of the TikTok sandbox: TikTok's endpoints under `/open_api/v1.3`, a control API under
-`/_sandbox/`.
+"""aiohttp application of the TikTok sandbox: TikTok's endpoints under `/open_api/v1.3` (audiences and the offline
+`event/track/`), a control API under `/_sandbox/`.
 
 Handlers stay thin: faults are decided first, then auth, then `SandboxState` validates and applies
 synchronously (no await in between, so a request is applied atomically). Request bodies and tokens are never
@@ -20,8 +20,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from service.devtools.sandbox.event_track import validate_event_track
 from service.devtools.sandbox.faults import MAPPING_PATH, Fault, FaultPlan
 from service.devtools.sandbox.state import (
     EMPTY_ACCESS_TOKEN,
@@ -29,6 +31,7 @@ from service.devtools.sandbox.state import (
     MAX_PAGE_SIZE,
     OK,
     ApiError,
+    FilePart,
     RequestRecord,
     SandboxState,
     param_error,
@@ -63,6 +66,7 @@ RUNTIME_KEY = web.AppKey("sandbox_runtime", Runtime)
 
 _request_seq = itertools.count(1)
 _NOT_JSON = object()
+_NOT_MULTIPART = object()
 
 Inner = Callable[[web.Request, SandboxState, object], dict[str, object]]
 
@@ -110,6 +114,8 @@ def _summary(now: float, path: str, body: object, advertisers: list[str]) -> Req
             action = body["action"]
         if isinstance(body.get("batch_data"), list):
             rows = len(body["batch_data"])
+        elif isinstance(body.get("data"), list):  # event/track/: events per request
+            rows = len(body["data"])
     return RequestRecord(
         t=now, path=path, action=action, advertiser_ids=advertisers or None, rows=rows, status=0, code=None
     )
@@ -150,7 +156,9 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
         now = runtime.clock()
         state.count_request(path)
         body: object = None
-        if request.method == "POST":
+        if request.method == "POST" and request.content_type == "multipart/form-data":
+            body = await _read_multipart(request)
+        elif request.method == "POST":
             raw = await request.read()
             try:
                 body = json.loads(raw)
@@ -168,6 +176,8 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
             _check_token(request, runtime.tokens)
             if body is _NOT_JSON:
                 raise param_error("request body must be valid JSON")
+            if body is _NOT_MULTIPART:
+                raise param_error("request body is not valid multipart/form-data")
             data = inner(request, state, body)
             code, message = OK, "OK"
         except ApiError as e:
@@ -177,6 +187,24 @@ def _tiktok(path: str, inner: Inner) -> Callable[[web.Request], Awaitable[web.St
         return envelope(code, message, data)
 
     return counted
+
+
+async def _read_multipart(request: web.Request) -> object:
+    """Text fields as str, file parts as `FilePart`; `_NOT_MULTIPART` when the body cannot be parsed."""
+    fields: dict[str, object] = {}
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                return _NOT_MULTIPART
+            data = bytes(await part.read(decode=False))
+            if part.filename is not None:
+                fields[part.name] = FilePart(part.filename, data)
+            else:
+                fields[part.name] = data.decode("utf-8")
+    except (ValueError, AssertionError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
+        return _NOT_MULTIPART
+    return fields
 
 
 async def _serve_fault(
@@ -228,6 +256,23 @@ def _mapping(request: web.Request, state: SandboxState, body: object) -> dict[st
 
 def _segment_audience(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
     return state.segment_audience(body)
+
+
+def _file_upload(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.upload_file(body)
+
+
+def _file_create(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.create_file_audience(body)
+
+
+def _file_update(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    return state.update_file_audience(body)
+
+
+def _event_track(request: web.Request, state: SandboxState, body: object) -> dict[str, object]:
+    state.apply_events(validate_event_track(body, state.now()))
+    return {}
 
 
 def _query_advertiser(request: web.Request) -> str:
@@ -287,6 +332,18 @@ async def _ctl_members(request: web.Request) -> web.Response:
         return _bad("unknown audience", 404)
 
 
+async def _ctl_customer_files(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].customer_files())
+
+
+async def _ctl_customer_file(request: web.Request) -> web.Response:
+    try:
+        ids = request.app[STATE_KEY].file_identifiers(request.match_info["file_path"])
+    except KeyError:
+        return _bad("unknown file_path", 404)
+    return web.json_response({"identifiers": ids})
+
+
 async def _ctl_advertisers(request: web.Request) -> web.Response:
     try:
         body = await _json_body(request)
@@ -342,6 +399,11 @@ async def _ctl_requests(request: web.Request) -> web.Response:
     return web.json_response({"requests": request.app[STATE_KEY].requests(None if path == "*" else path)})
 
 
+async def _ctl_events(request: web.Request) -> web.Response:
+    """Offline events event/track/ accepted, each once, with totals (`?event_source_id=` keeps one event set)."""
+    return web.json_response(request.app[STATE_KEY].events(request.query.get("event_source_id")))
+
+
 async def _ctl_reset(request: web.Request) -> web.Response:
     try:
         body = await _json_body(request, allow_empty=True)
@@ -362,6 +424,10 @@ _GET_ROUTES: tuple[tuple[str, Inner], ...] = (
 _POST_ROUTES: tuple[tuple[str, Inner], ...] = (
     ("/segment/mapping/", _mapping),
     ("/segment/audience/", _segment_audience),
+    ("/dmp/custom_audience/file/upload/", _file_upload),
+    ("/dmp/custom_audience/create/", _file_create),
+    ("/dmp/custom_audience/update/", _file_update),
+    ("/event/track/", _event_track),
 )
 
 
@@ -387,12 +453,15 @@ def create_app(
     c = CONTROL_PREFIX
     app.router.add_get(f"{c}/state", _ctl_state)
     app.router.add_get(f"{c}/audiences/{{audience_id}}/members", _ctl_members)
+    app.router.add_get(f"{c}/customer_files", _ctl_customer_files)
+    app.router.add_get(f"{c}/customer_files/{{file_path}}", _ctl_customer_file)
     app.router.add_post(f"{c}/advertisers", _ctl_advertisers)
     app.router.add_post(f"{c}/audiences", _ctl_audiences)
     app.router.add_get(f"{c}/faults", _ctl_faults_get)
     app.router.add_post(f"{c}/faults", _ctl_faults_set)
     app.router.add_delete(f"{c}/faults", _ctl_faults_clear)
     app.router.add_get(f"{c}/requests", _ctl_requests)
+    app.router.add_get(f"{c}/events", _ctl_events)
     app.router.add_post(f"{c}/reset", _ctl_reset)
 
     async def _on_shutdown(app: web.Application) -> None:

@@ -216,7 +216,10 @@ def _audience_arg(value: str) -> tuple[str, str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="audience-sync sandbox",
-        description="Local stand-in for TikTok's Business API (segment/mapping, segment/audience, reads).",
+        description=(
+            "Local stand-in for TikTok's Business API (segment/mapping, segment/audience, customer-file upload, "
+            "create and update, event/track, reads)."
+        ),
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)

@@ -1,4 +1,5 @@
-"""In-memory advertisers, audiences and membership of the TikTok sandbox, and its strict request validation.
+"""In-memory advertisers, audiences, membership and received offline events of the TikTok sandbox, and its strict
+request validation (`event/track/` bodies are validated in `event_track.py`).
 
 Pure: no I/O, and wall-clock time comes from an injected clock, so every strictness rule is unit-testable with
 literals. Validation is separated from application so a request is applied all-or-nothing. A lock guards the
@@ -7,9 +8,11 @@ state because `SandboxThread` lets tests read it from another thread while the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import secrets
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +31,11 @@ REQUEST_TOO_FREQUENT: Final = 40100
 EMPTY_ACCESS_TOKEN: Final = 40104
 INVALID_ACCESS_TOKEN: Final = 40105
 ADVERTISER_NOT_EXIST: Final = 40300
+FILE_NOT_EXIST: Final = 40905
+FILE_EMPTY: Final = 40906
+FILE_TOO_LARGE: Final = 40907
+FILE_TYPE_ERROR: Final = 40908
+FILE_CALCULATE_TYPE_ERROR: Final = 40909
 
 # Default messages, also used by injected `code` faults that do not bring their own.
 CODE_MESSAGES: Final[Mapping[int, str]] = {
@@ -43,6 +51,11 @@ CODE_MESSAGES: Final[Mapping[int, str]] = {
     INVALID_ACCESS_TOKEN: "Access token is incorrect or has been revoked.",
     40132: "Request frequency limited.",
     ADVERTISER_NOT_EXIST: "Advertiser does not exist.",
+    FILE_NOT_EXIST: "File does not exist.",
+    FILE_EMPTY: "File is empty.",
+    FILE_TOO_LARGE: "File is too large.",
+    FILE_TYPE_ERROR: "File type error.",
+    FILE_CALCULATE_TYPE_ERROR: "File calculate type error.",
     50000: "System error.",
     50002: "System timeout.",
     51003: "DMP service error.",
@@ -60,7 +73,32 @@ _TIME_FMT: Final = "%Y-%m-%d %H:%M:%S"
 _NAME_MAX: Final = 70
 _RETENTION: Final = timedelta(days=365)
 _EXPIRING: Final = timedelta(days=7)  # when `is_expiring` turns true (TikTok does not document its threshold)
+# TikTok counts the same event + event_id once within 48 hours (docs/tiktok-api.md §8.2).
+EVENT_DEDUP_WINDOW: Final = timedelta(hours=48)
 MAX_PAGE_SIZE: Final = 100
+
+# Customer-file API (docs/tiktok-api.md §3, §3.6). `DmpCalculateType` of the upload spec; create accepts the same
+# values but the MAID aliases. MULTIPLE_TYPES files have a multi-column layout the sandbox does not model.
+UPLOAD_CALCULATE_TYPES: Final = frozenset(
+    {"EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "IDFA_MD5", "GAID_SHA256", "GAID_MD5"}
+    | {"FIRST_SHA256", "FIRST_MD5", "MAID_SHA256", "MAID_MD5", "MULTIPLE_TYPES"}
+)
+AUDIENCE_CALCULATE_TYPES: Final = UPLOAD_CALCULATE_TYPES - {"MAID_SHA256", "MAID_MD5"}
+_CALCULATE_ALIASES: Final = {"MAID_SHA256": "FIRST_SHA256", "MAID_MD5": "FIRST_MD5"}
+_NOT_MODELLED: Final = "MULTIPLE_TYPES"
+FILE_ACTIONS: Final = ("APPEND", "REMOVE", "REPLACE")
+# Header names of TikTok's customer-file help page; a file may start with one (compared case-insensitively).
+FILE_HEADER_NAMES: Final = frozenset(
+    {"email", "email_sha256", "phone", "phone_sha256", "maid", "maid_md5", "maid_sha256"}
+)
+FILE_SUFFIXES: Final = (".csv", ".txt")
+MAX_FILE_BYTES: Final = 50_000_000  # 50 MB per file through the API [3p], read as the stricter 10^6 bytes
+MIN_AUDIENCE_SIZE: Final = 1000  # an update leaving fewer users fails (official SDK spec of the update endpoint)
+FILE_PATH_CHARS: Final = 16  # `file_paths` items are 16 characters (create spec: minLength = maxLength = 16)
+FILE_PATHS_MAX: Final = 500  # create spec: `file_paths` maxItems
+CUSTOM_AUDIENCE_NAME_MAX: Final = 128
+PARTNER: Final = "Partner"
+CUSTOMER_FILE: Final = "Customer File Audience"  # `audience_type` as the Go SDK transcribes TikTok's list doc
 
 Action = Literal["add", "delete"]
 
@@ -100,6 +138,11 @@ class Audience:
     # after creation).
     valid_override: bool | None = None
     expire_override: datetime | None = None
+    # `PARTNER` (segment/audience, fed by segment/mapping) or `CUSTOMER_FILE` (dmp/custom_audience/create, fed by
+    # files); a customer-file audience holds one `calculate_type` and its members under that key.
+    audience_type: str = PARTNER
+    calculate_type: str | None = None
+    history: list[tuple[datetime, str]] = field(default_factory=list)
 
     @property
     def is_valid(self) -> bool:
@@ -135,6 +178,48 @@ class MappingRequest:
     cells: tuple[MappingCell, ...]
     # (audience_id, advertiser_id) pairs to create first; only non-empty with auto_create.
     new_audiences: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """A file part of a multipart/form-data body, as the app hands it over."""
+
+    filename: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFile:
+    """A file accepted by `dmp/custom_audience/file/upload/`: its identifiers, never echoed in answers."""
+
+    file_path: str
+    advertiser_id: str
+    calculate_type: str
+    name: str
+    md5: str
+    size: int
+    header: str | None
+    ids: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FileUpdate:
+    """One applied `dmp/custom_audience/update/` (or the create that filled the audience first)."""
+
+    audience_id: str
+    action: str  # CREATE, APPEND, REMOVE, REPLACE or RENAME
+    file_paths: tuple[str, ...]
+    size_before: int
+    size_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackRequest:
+    """An `event/track/` body that passed every check (`event_track.validate_event_track`), and when it came."""
+
+    event_source_id: str
+    events: tuple[dict[str, object], ...]
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +297,66 @@ def parse_int_param(raw: str | None, name: str, *, default: int, lo: int, hi: in
     return value
 
 
+def _form_str(body: Mapping[str, object], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise param_error(f"{key}: required")
+    return value.strip()
+
+
+def _audience_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise param_error("custom_audience_name: must be a non-empty string")
+    if len(value) > CUSTOM_AUDIENCE_NAME_MAX:
+        raise param_error(f"custom_audience_name: at most {CUSTOM_AUDIENCE_NAME_MAX} characters")
+    return value
+
+
+def _file_paths(value: object) -> list[str]:
+    paths = _str_list(value, "file_paths")
+    if len(paths) > FILE_PATHS_MAX:
+        raise param_error(f"file_paths: at most {FILE_PATHS_MAX} items")
+    for i, p in enumerate(paths):
+        if len(p) != FILE_PATH_CHARS:
+            raise param_error(f"file_paths[{i}]: must be {FILE_PATH_CHARS} characters")
+    return paths
+
+
+def _parse_file(content: bytes, calculate_type: str) -> tuple[str | None, frozenset[str]]:
+    """An optional header line, then one lowercase hex digest per line (blank lines skipped)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(FILE_TYPE_ERROR, "File type error: the file is not UTF-8 text") from None
+    sha = calculate_type.endswith("SHA256")
+    pattern, other = (_SHA256_RE, _MD5_RE) if sha else (_MD5_RE, _SHA256_RE)
+    header: str | None = None
+    ids: set[str] = set()
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r").strip()
+        if not line:
+            continue
+        if header is None and not ids and line.lower() in FILE_HEADER_NAMES:
+            header = line
+            continue
+        if pattern.fullmatch(line):
+            ids.add(line)
+            continue
+        if other.fullmatch(line):
+            raise ApiError(
+                FILE_CALCULATE_TYPE_ERROR,
+                f"File calculate type error: line {number} is not a {'SHA-256' if sha else 'MD5'} digest "
+                f"({calculate_type})",
+            )
+        kind = "SHA-256" if sha else "MD5"
+        raise ApiError(
+            PII_NOT_HASHED, f"PII_NOT_HASHED: line {number} of the file is not a lowercase hex {kind} digest"
+        )
+    if not ids:
+        raise ApiError(FILE_EMPTY, "File is empty: no identifier line")
+    return header, frozenset(ids)
+
+
 class SandboxState:
     """Advertisers, audiences, membership and request bookkeeping of one sandbox."""
 
@@ -222,9 +367,14 @@ class SandboxState:
         auto_create: bool = False,
         request_log_size: int = 10_000,
         audience_ready_delay_s: float = 0.0,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        min_audience_size: int = MIN_AUDIENCE_SIZE,
+        event_log_size: int = 100_000,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.max_rows_per_request = max_rows_per_request
+        self.max_file_bytes = max_file_bytes
+        self.min_audience_size = min_audience_size
         self.audience_ready_delay_s = audience_ready_delay_s
         self.auto_create = auto_create
         self._clock = clock
@@ -237,7 +387,16 @@ class SandboxState:
         self.rejected_counts: Counter[int] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
+        self.files: dict[str, CustomerFile] = {}  # customer files received, by file_path
+        self.file_updates: list[FileUpdate] = []  # creates and updates applied to customer-file audiences
         self._next_audience_id = 1_000_000_001
+        # Offline events accepted by event/track/, each once; the newest `event_log_size` are kept.
+        self.received_events: deque[dict[str, object]] = deque(maxlen=event_log_size)
+        self.events_received = 0
+        self.event_duplicates = 0
+        self.events_by_name: Counter[str] = Counter()
+        # (event_source_id, event, event_id) → when first accepted, oldest first, pruned after the 48 h window.
+        self._event_seen: dict[tuple[str, str, str], datetime] = {}
 
     # -- registration ---------------------------------------------------------------------------------------
 
@@ -390,8 +549,8 @@ class SandboxState:
                 new_audiences.setdefault(aud, advertiser_ids[0])
                 return
             raise param_error("invalid audience ID")
-        if audience.advertiser_id not in advertiser_ids:
-            raise param_error("invalid audience ID")
+        if audience.advertiser_id not in advertiser_ids or audience.audience_type != PARTNER:
+            raise param_error("invalid audience ID")  # segment/mapping feeds Partner audiences only
         if audience.ready_at is not None and self._clock() < audience.ready_at:
             raise param_error("invalid audience ID")  # what TikTok answers while a new audience warms up
 
@@ -431,6 +590,152 @@ class SandboxState:
             del self.audiences[target]
             return {}
 
+    # -- customer files: dmp/custom_audience/file/upload, create, update ---------------------------------------
+
+    def upload_file(self, body: object) -> dict[str, object]:
+        """Check a multipart upload like TikTok (signature, type, size, hashed lines) and keep it under a new path."""
+        if not isinstance(body, dict):
+            raise param_error("request body must be multipart/form-data")
+        part = body.get("file")
+        if not isinstance(part, FilePart):
+            raise param_error("file: required, as a file part of a multipart/form-data body")
+        advertiser_id = _form_str(body, "advertiser_id")
+        calculate_type = _form_str(body, "calculate_type")
+        if calculate_type not in UPLOAD_CALCULATE_TYPES:
+            raise param_error(f"calculate_type: must be one of {', '.join(sorted(UPLOAD_CALCULATE_TYPES))}")
+        if calculate_type == _NOT_MODELLED:
+            raise param_error("calculate_type: MULTIPLE_TYPES files are not modelled by the sandbox")
+        signature = _form_str(body, "file_signature")
+        file_name = body.get("file_name")
+        if file_name is not None and not isinstance(file_name, str):
+            raise param_error("file_name: must be a string")
+        name = file_name or part.filename
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+        if not name.endswith(FILE_SUFFIXES):
+            raise ApiError(FILE_TYPE_ERROR, f"File type error: {name!r} must end with .csv or .txt")
+        content = part.content
+        if not content:
+            raise ApiError(FILE_EMPTY, "File is empty.")
+        if len(content) > self.max_file_bytes:
+            raise ApiError(
+                FILE_TOO_LARGE, f"File is too large: {len(content)} bytes, at most {self.max_file_bytes} allowed"
+            )
+        md5 = hashlib.md5(content, usedforsecurity=False).hexdigest()
+        if signature.strip().lower() != md5:
+            raise param_error(
+                f"file_signature: does not match the MD5 of the file received ({md5}); "
+                "the file was altered or cut in transit, or the signature is not its MD5"
+            )
+        kind = _CALCULATE_ALIASES.get(calculate_type, calculate_type)
+        header, ids = _parse_file(content, kind)
+        with self._lock:
+            path = secrets.token_hex(FILE_PATH_CHARS // 2)
+            while path in self.files:
+                path = secrets.token_hex(FILE_PATH_CHARS // 2)
+            self.files[path] = CustomerFile(path, advertiser_id, kind, name, md5, len(content), header, ids)
+        return {"file_path": path}
+
+    def create_file_audience(self, body: object) -> dict[str, object]:
+        """`dmp/custom_audience/create/`: a customer-file audience holding the union of its files."""
+        if not isinstance(body, dict):
+            raise param_error("request body must be a JSON object")
+        advertiser_id = _non_empty_str(_require(body, "advertiser_id"), "advertiser_id")
+        name = _audience_name(_require(body, "custom_audience_name"))
+        calculate_type = _require(body, "calculate_type")
+        if calculate_type not in AUDIENCE_CALCULATE_TYPES:
+            raise param_error(f"calculate_type: must be one of {', '.join(sorted(AUDIENCE_CALCULATE_TYPES))}")
+        if calculate_type == _NOT_MODELLED:
+            raise param_error("calculate_type: MULTIPLE_TYPES audiences are not modelled by the sandbox")
+        assert isinstance(calculate_type, str)
+        paths = _file_paths(_require(body, "file_paths"))
+        retention = body.get("retention_in_days")
+        if retention is not None and (type(retention) is not int or not 1 <= retention <= 365):
+            raise param_error("retention_in_days: must be an integer between 1 and 365")
+        if body.get("audience_sub_type", "NORMAL") not in ("NORMAL", "REACH_FREQUENCY"):
+            raise param_error("audience_sub_type: must be one of NORMAL, REACH_FREQUENCY")
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+            files = [self._usable_file(advertiser_id, p, calculate_type) for p in paths]
+            members: set[str] = set().union(*(f.ids for f in files))
+            if len(members) < self.min_audience_size:
+                raise self._too_small("create", len(members))
+            now = self._clock()
+            aid = self._new_audience_id()
+            audience = Audience(aid, advertiser_id, name, now, audience_type=CUSTOMER_FILE)
+            audience.calculate_type = calculate_type
+            audience.members[calculate_type] = members
+            if retention is not None:
+                audience.expire_override = now + timedelta(days=retention)
+            audience.history.append((now, "create"))
+            self.audiences[aid] = audience
+            self.file_updates.append(FileUpdate(aid, "CREATE", tuple(paths), 0, len(members)))
+            return {"custom_audience_id": aid}
+
+    def update_file_audience(self, body: object) -> dict[str, object]:
+        """`dmp/custom_audience/update/`: rename, and/or APPEND / REMOVE / REPLACE (the default) with files."""
+        if not isinstance(body, dict):
+            raise param_error("request body must be a JSON object")
+        advertiser_id = _non_empty_str(_require(body, "advertiser_id"), "advertiser_id")
+        audience_id = _non_empty_str(_require(body, "custom_audience_id"), "custom_audience_id")
+        raw_name = body.get("custom_audience_name")
+        name = _audience_name(raw_name) if raw_name is not None else None
+        raw_paths = body.get("file_paths")
+        paths = _file_paths(raw_paths) if raw_paths is not None else None
+        action = body.get("action", "REPLACE")
+        if action not in FILE_ACTIONS:
+            raise param_error(f"action: must be one of {', '.join(FILE_ACTIONS)}")
+        assert isinstance(action, str)
+        if name is None and paths is None:
+            raise param_error("pass custom_audience_name or file_paths")
+        with self._lock:
+            self.check_advertiser(advertiser_id)
+            audience = self._owned_audience(advertiser_id, audience_id)
+            if audience.audience_type != CUSTOMER_FILE or audience.calculate_type is None:
+                raise param_error(
+                    f"audience {audience_id} is a {audience.audience_type} audience, not a customer file audience"
+                )
+            kind = audience.calculate_type
+            current = audience.members.setdefault(kind, set())
+            after = current
+            if paths is not None:
+                files = [self._usable_file(advertiser_id, p, kind) for p in paths]
+                ids: set[str] = set().union(*(f.ids for f in files))
+                after = current | ids if action == "APPEND" else current - ids if action == "REMOVE" else ids
+                if len(after) < self.min_audience_size:
+                    raise self._too_small(action, len(after))
+            now = self._clock()
+            before = len(current)
+            if paths is not None:
+                audience.members[kind] = set(after)
+                audience.history.append((now, action.lower()))
+            if name is not None:
+                audience.name = name
+                audience.history.append((now, "rename"))
+            done = action if paths is not None else "RENAME"
+            self.file_updates.append(FileUpdate(audience_id, done, tuple(paths or ()), before, len(after)))
+            return {}
+
+    def _usable_file(self, advertiser_id: str, file_path: str, calculate_type: str) -> CustomerFile:
+        file = self.files.get(file_path)
+        if file is None:
+            raise ApiError(FILE_NOT_EXIST, f"File {file_path} does not exist.")
+        if file.advertiser_id != advertiser_id:  # only the uploading advertiser may use a file_path
+            raise param_error(f"file_paths: {file_path} was uploaded by another advertiser")
+        if file.calculate_type != calculate_type:
+            raise ApiError(
+                FILE_CALCULATE_TYPE_ERROR,
+                f"File calculate type error: {file_path} holds {file.calculate_type}, the audience {calculate_type}",
+            )
+        return file
+
+    def _too_small(self, action: str, size: int) -> ApiError:
+        """TikTok documents the rule but no code: 40002, the code of every other refused parameter."""
+        return param_error(
+            f"the audience would hold {size} users after {action}; "
+            f"customer file audiences need at least {self.min_audience_size:,} users"
+        )
+
     def _owned_audience(self, advertiser_id: str, audience_id: str) -> Audience:
         audience = self.audiences.get(audience_id)
         if audience is None:
@@ -438,6 +743,56 @@ class SandboxState:
         if audience.advertiser_id != advertiser_id:
             raise param_error("invalid audience ID")
         return audience
+
+    # -- event/track (offline conversions) -------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The sandbox's wall clock (injected): what `event/track/` checks event times and de-duplication against."""
+        return self._clock()
+
+    def apply_events(self, req: TrackRequest) -> tuple[int, int]:
+        """Keep each event once: an event with the `event` and `event_id` of one accepted for the same event set
+        less than 48 hours before (sandbox time) only counts as a duplicate. Answers (accepted, duplicates)."""
+        accepted = duplicates = 0
+        with self._lock:
+            seen = self._event_seen
+            while seen:  # oldest first: drop keys whose window has passed
+                oldest = next(iter(seen))
+                if req.at - seen[oldest] < EVENT_DEDUP_WINDOW:
+                    break
+                del seen[oldest]
+            for ev in req.events:
+                event_id = ev.get("event_id")
+                if isinstance(event_id, str):
+                    key = (req.event_source_id, str(ev["event"]), event_id)
+                    first = seen.get(key)
+                    if first is not None and req.at - first < EVENT_DEDUP_WINDOW:
+                        duplicates += 1
+                        continue
+                    if first is not None:
+                        del seen[key]  # re-inserted below, so the oldest-first order holds
+                    seen[key] = req.at
+                accepted += 1
+                self.events_by_name[str(ev["event"])] += 1
+                self.received_events.append(
+                    {"event_source_id": req.event_source_id, "received_at": req.at.isoformat(), **ev}
+                )
+            self.events_received += accepted
+            self.event_duplicates += duplicates
+        return accepted, duplicates
+
+    def events(self, event_source_id: str | None = None) -> dict[str, object]:
+        """Received events (each once), optionally of one event set, with the totals of every event set."""
+        with self._lock:
+            kept = [
+                e for e in self.received_events if event_source_id is None or e["event_source_id"] == event_source_id
+            ]
+            return {
+                "received": self.events_received,
+                "duplicates": self.event_duplicates,
+                "by_event": dict(self.events_by_name),
+                "events": kept,
+            }
 
     # -- reads ----------------------------------------------------------------------------------------------
 
@@ -483,8 +838,8 @@ class SandboxState:
             "name": a.name,
             "cover_num": a.cover_num,
             "is_valid": a.is_valid,
-            "calculate_type": "MULTIPLE_TYPES",
-            "audience_type": "Partner",
+            "calculate_type": a.calculate_type or "MULTIPLE_TYPES",
+            "audience_type": a.audience_type,
             "is_creator": True,
             "is_expiring": expires - self._clock() <= _EXPIRING,
             "create_time": _fmt(a.create_time),
@@ -494,20 +849,16 @@ class SandboxState:
 
     def _details(self, a: Audience) -> dict[str, object]:
         details = self._summary(a)
-        details.pop("audience_type")
-        details.update(type="Partner", audience_sub_type="NORMAL", rule="{}")
+        details.update(type=details.pop("audience_type"), audience_sub_type="NORMAL", rule="{}")
         return details
 
     @staticmethod
     def _history(a: Audience) -> list[dict[str, object]]:
+        # TikTok's action values for file updates are not documented publicly: the sandbox uses the verbs.
+        events = a.history or [(a.create_time, "create")]
         return [
-            {
-                "opt_time": _fmt(a.create_time),
-                "action": "create",
-                "msg": None,
-                "editor": "open_api",
-                "action_detail": "0",
-            }
+            {"opt_time": _fmt(t), "action": action, "msg": None, "editor": "open_api", "action_detail": "0"}
+            for t, action in events
         ]
 
     # -- bookkeeping and test views -------------------------------------------------------------------------
@@ -553,29 +904,67 @@ class SandboxState:
                     a.audience_id: {
                         "advertiser_id": a.advertiser_id,
                         "name": a.name,
+                        "type": a.audience_type,
+                        "calculate_type": a.calculate_type,
                         "members": {t: len(ids) for t, ids in a.members.items() if ids},
                     }
                     for a in self.audiences.values()
                 },
+                "customer_files": len(self.files),
+                "customer_file_updates": len(self.file_updates),
                 "requests": dict(self.request_counts),
                 "peak_concurrent_requests": dict(self.peak_open_requests),
                 "rejected": {str(code): n for code, n in self.rejected_counts.items()},
                 "faults": dict(self.fault_counts),
+                "events": {"received": self.events_received, "duplicates": self.event_duplicates},
             }
 
     def reset(self, *, everything: bool = False) -> None:
-        """Clear membership and request bookkeeping; `everything` also forgets advertisers and audiences."""
+        """Clear membership, received events and request bookkeeping; `everything` also forgets advertisers and
+        audiences."""
         with self._lock:
             if everything:
                 self.advertisers.clear()
                 self.audiences.clear()
             for a in self.audiences.values():
                 a.members.clear()
+            self.files.clear()
+            self.file_updates.clear()
             self.request_counts.clear()
             self.peak_open_requests.clear()
             self.rejected_counts.clear()
             self.fault_counts.clear()
             self.request_log.clear()
+            self.received_events.clear()
+            self.events_received = 0
+            self.event_duplicates = 0
+            self.events_by_name.clear()
+            self._event_seen.clear()
+
+    def customer_files(self) -> dict[str, object]:
+        """Files received and updates applied, oldest first: shapes and counts, no identifier."""
+        with self._lock:
+            return {
+                "files": [
+                    {
+                        "file_path": f.file_path,
+                        "advertiser_id": f.advertiser_id,
+                        "calculate_type": f.calculate_type,
+                        "name": f.name,
+                        "md5": f.md5,
+                        "bytes": f.size,
+                        "rows": len(f.ids),
+                        "header": f.header,
+                    }
+                    for f in self.files.values()
+                ],
+                "updates": [asdict(u) for u in self.file_updates],
+            }
+
+    def file_identifiers(self, file_path: str) -> list[str]:
+        """The distinct identifiers of a received file, sorted; raises KeyError for an unknown path."""
+        with self._lock:
+            return sorted(self.files[file_path].ids)
 
     def register_all(self, advertisers: Iterable[str], audiences: Iterable[tuple[str, str]]) -> None:
         """Register advertisers and (advertiser_id, audience_id) pairs, implicitly their advertisers too."""
