@@ -162,8 +162,8 @@ def test_an_entry_with_id_types_email_only_sends_only_emails(
     contract, other = DEFAULT_AUDIENCES[0], DEFAULT_AUDIENCES[1]
     path = tmp_path / "mappings.yaml"
     path.write_text(
-        f"audiences:\n  {contract.key}:\n    advertiser_id: \"{contract.advertiser_id}\"\n"
-        f"    audience_id: \"{contract.audience_id}\"\n    id_types: [EMAIL_SHA256]\n"
+        f'audiences:\n  {contract.key}:\n    advertiser_id: "{contract.advertiser_id}"\n'
+        f'    audience_id: "{contract.audience_id}"\n    id_types: [EMAIL_SHA256]\n'
     )
     events = list(generate(900, seed=31, users=300))
     expected = expected_membership(events)
