@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
 from service.core.events import SEGMENT, Undecodable, decode_event
 from service.core.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
@@ -271,44 +271,24 @@ class Resolver:
             if type(fallback) is str and fallback:
                 audience_key = fallback
 
-        # Ids: explicit → personas → mappings (→ default for the advertiser). Field names are built only for
-        # an error message; valid ids come from a small cache (the same few ids recur on every record).
-        ids = self._ids
-        explicit_aud = bag.get("external_audience_id")
-        if explicit_aud is not None:
-            explicit_aud = ids.get(explicit_aud) if type(explicit_aud) is str else None
-            if explicit_aud is None:
-                explicit_aud = self._id(bag.get("external_audience_id"), bag_name, ".external_audience_id")
-                if isinstance(explicit_aud, Rejected):
-                    return explicit_aud, ()
-        personas_aud = personas.get("external_audience_id")
-        if personas_aud is not None:
-            personas_aud = ids.get(personas_aud) if type(personas_aud) is str else None
-            if personas_aud is None:
-                personas_aud = self._id(
-                    personas.get("external_audience_id"), "context.personas", ".external_audience_id"
-                )
-                if isinstance(personas_aud, Rejected):
-                    return personas_aud, ()
-        explicit_adv = bag.get("advertiser_id")
-        if explicit_adv is not None:
-            explicit_adv = ids.get(explicit_adv) if type(explicit_adv) is str else None
-            if explicit_adv is None:
-                explicit_adv = self._id(bag.get("advertiser_id"), bag_name, ".advertiser_id")
-                if isinstance(explicit_adv, Rejected):
-                    return explicit_adv, ()
+        # Ids: explicit → personas → mappings (→ default for the advertiser).
+        explicit_aud = self._id(bag.get("external_audience_id"), bag_name, ".external_audience_id")
+        if isinstance(explicit_aud, Rejected):
+            return explicit_aud, ()
+        personas_aud = self._id(personas.get("external_audience_id"), "context.personas", ".external_audience_id")
+        if isinstance(personas_aud, Rejected):
+            return personas_aud, ()
+        explicit_adv = self._id(bag.get("advertiser_id"), bag_name, ".advertiser_id")
+        if isinstance(explicit_adv, Rejected):
+            return explicit_adv, ()
         settings = personas.get("audience_settings")
-        personas_adv = settings.get("advertiserId") if type(settings) is dict else None
-        if personas_adv is not None:
-            personas_adv = ids.get(personas_adv) if type(personas_adv) is str else None
-            if personas_adv is None:
-                personas_adv = self._id(
-                    cast(dict[str, Any], settings).get("advertiserId"),
-                    "context.personas.audience_settings",
-                    ".advertiserId",
-                )
-                if isinstance(personas_adv, Rejected):
-                    return personas_adv, ()
+        personas_adv = (
+            self._id(settings.get("advertiserId"), "context.personas.audience_settings", ".advertiserId")
+            if type(settings) is dict
+            else None
+        )
+        if isinstance(personas_adv, Rejected):
+            return personas_adv, ()
 
         # Identifiers.
         ctx_traits = _dict(context.get("traits"))
@@ -473,7 +453,14 @@ class Resolver:
         return tuple(ids), tuple(errors)
 
     def _id(self, value: object, where: str, field: str) -> str | Rejected | None:
-        """`_tiktok_id`, remembering valid string ids (bounded: ids are per audience, not per user)."""
+        """`_tiktok_id` of `where + field`, with valid string ids remembered: the same few ids recur on every
+        record, and the field name is built only for an error message."""
+        if value is None:
+            return None
+        if type(value) is str:
+            hit = self._ids.get(value)
+            if hit is not None:
+                return hit
         result = _tiktok_id(value, where + field)
         if type(value) is str and type(result) is str and len(self._ids) < _ID_CACHE_SIZE:
             self._ids[value] = result

@@ -79,6 +79,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.task: asyncio.Task[None] | None = None
         self.stop: asyncio.Event | None = None
         self.crashes = 0
+        self.qps = 100_000.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -100,7 +101,10 @@ class PipelineMachine(RuleBasedStateMachine):
                     drain_timeout_s=1.0,
                     revoke_timeout_s=0.05,
                     auth_retry_s=0.005,
-                    max_qps=100_000,
+                    max_qps=self.qps,
+                    max_rows_scarce=12,  # rows per request grow up to 12 (from 4) while requests are scarce
+                    quota_after_s=0.05,  # 50 ms of only 40100 is a spent quota here...
+                    quota_pause_s=0.02,  # ...and TikTok's pause lasts 20 ms
                     audience_warmup_s=0.0,
                 ),
                 guard=DlqGuard(4, 0.03, self.loop.time),
@@ -138,8 +142,12 @@ class PipelineMachine(RuleBasedStateMachine):
 
         self.loop.run_until_complete(call())
 
-    @initialize()
-    def begin(self) -> None:
+    @initialize(qps=st.sampled_from([100_000.0, 300.0, 60.0]))
+    def begin(self, qps: float) -> None:
+        """The request budget is drawn too: at 60 and 300 QPS requests are scarce in most runs, so the
+        dispatcher's scarce mode (bigger cuts, a free request taking what is there, oldest buffer first) meets
+        rebalances, crashes and failing answers."""
+        self.qps = qps
         self._start()
 
     def teardown(self) -> None:
