@@ -133,6 +133,7 @@ def build_pipeline(
             auth_retry_s=settings.auth_retry_s,
             max_qps=settings.tiktok_max_qps,
             events_max_qps=settings.tiktok_events_max_qps,
+            events_max_rows_scarce=min(settings.batch_max_rows_ceiling, MAX_EVENTS_PER_REQUEST),
             max_rows_scarce=max(settings.batch_max_rows, settings.batch_max_rows_ceiling),
             quota_pause_s=settings.tiktok_quota_pause_s,
         ),

@@ -77,6 +77,7 @@ class PipelineOptions:
     auth_retry_s: float = 15.0
     max_qps: float = 8.0
     events_max_qps: float = 50.0  # /event/track/ has its own budget (docs/tiktok-api.md §8.1)
+    events_max_rows_scarce: int = OFFLINE_MAX_ROWS_SCARCE  # events per request while requests are scarce (<= 1,000)
     max_rows_scarce: int = 10_000  # rows per request while the QPS cap or the in-flight slots bind
     quota_pause_s: float = 310.0  # TikTok pauses an app that overran its per-minute quota for 5 minutes
     quota_after_s: float = 20.0  # only rate-limit answers for this long: the per-minute quota is spent
@@ -190,7 +191,7 @@ class Pipeline:
                 backoff=backoff,
                 bucket=TokenBucket(options.events_max_qps, clock=clock),
                 max_inflight=options.max_inflight,
-                max_rows_scarce=OFFLINE_MAX_ROWS_SCARCE,
+                max_rows_scarce=min(options.events_max_rows_scarce, OFFLINE_MAX_ROWS_SCARCE),
                 quota_after_s=options.quota_after_s,
                 sink=OfflineSink(event_uploader),
                 clock=clock,
