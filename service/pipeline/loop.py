@@ -401,7 +401,7 @@ class Pipeline:
 
     def _after_hold(self, src: Source, letter: DeadLetter) -> DeadLetter | None:
         """A record held by the guard, after it opened: resolve it again; None when it now syncs instead."""
-        if letter.reason not in (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_ADVERTISER_ID):
+        if letter.reason not in _MAPPING_REASONS:
             return letter
         try:
             outcome = self.resolver.process(src.value, src.headers).outcome
@@ -447,6 +447,10 @@ class Pipeline:
 
     def on_error(self, err: KafkaError) -> None:
         self.health.on_error(err)
+
+
+# Dead-letter reasons a mappings fix resolves: held letters of these are resolved again when the guard opens.
+_MAPPING_REASONS = (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_ADVERTISER_ID, DlqReason.MISSING_EVENT_SET_ID)
 
 
 class _OfflineOutcomes:

@@ -19,6 +19,7 @@ import pytest
 
 from service import metrics as m
 from service.core.answers import Answer, classify
+from service.core.dlq_guard import DlqGuard
 from service.core.mappings import Mappings
 from service.core.offline import OfflineSettings
 from service.core.types import TopicPartition
@@ -190,3 +191,21 @@ async def test_offline_events_without_an_event_set_are_dead_lettered_at_intake()
         assert await rig.until(rig.all_committed, 10), f"uncommitted {rig.uncommitted()}"
         assert [h["dlq.reason"] for h in rig.letters()] == ["missing_event_set_id"] * 3
         assert not events.requests
+
+
+async def test_held_missing_event_set_letters_are_sent_after_a_mappings_fix() -> None:
+    """The DLQ guard trips on missing_event_set_id (the 4th in a row is held); the reload that adds the event set
+    resolves the held record again and sends it."""
+    loop = asyncio.get_running_loop()
+    guard = DlqGuard(4, 30.0, loop.time)
+    events = Events()
+    async with Rig(events=events, maps=mappings(late=False), guard=guard) as rig:
+        ids = produce_conversions(rig, 4)
+        await rig.start()
+        assert await rig.until(lambda: guard.tripped, 2), "the guard never tripped"
+        assert not events.received
+        rig.pipeline.set_mappings(offline_maps())
+        assert await rig.until(rig.all_committed, 5), f"uncommitted {rig.uncommitted()}"
+        # The letters written before the trip stay letters (replay them); the held one is sent instead.
+        assert events.received == ids[3:]
+        assert [h["dlq.reason"] for h in rig.letters()] == ["missing_event_set_id"] * 3
