@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # TikTok's Basic tier (every new app) is 10 QPS / 600 QPM per developer app: 8 leaves room for the
     # control-plane limiter and for window alignment (docs/operations.md "TikTok rate budget").
     tiktok_max_qps: float = Field(8.0, gt=0)
+    # /event/track/ (offline events) has its own budget, 1,000 QPS per app (docs/tiktok-api.md §8.1).
+    tiktok_events_max_qps: float = Field(50.0, gt=0, le=1000)
     tiktok_control_qps: float = Field(1.0, gt=0)
     tiktok_quota_pause_s: float = Field(310.0, gt=0)
     retry_base_s: float = Field(0.5, gt=0)

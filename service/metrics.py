@@ -38,6 +38,18 @@ EVENTS_SKIPPED = Counter(
     P + "events_skipped_total", "Records that are not audience events.", ["reason"], registry=REGISTRY
 )
 EVENTS_UPLOADED = Counter(P + "events_uploaded_total", "Events acknowledged by TikTok.", ["action"], registry=REGISTRY)
+OFFLINE_EVENTS = Counter(
+    P + "offline_events_total",
+    "Offline conversion events by TikTok event name and outcome (sent, dead_lettered, skipped).",
+    ["event", "outcome"],
+    registry=REGISTRY,
+)
+OFFLINE_MATCH_KEYS = Counter(
+    P + "offline_match_keys_total",
+    "Match keys present on valid offline events, by type (email, phone, external_id, ttclid, ttp, ip, user_agent).",
+    ["key"],
+    registry=REGISTRY,
+)
 EVENTS_SUPERSEDED = Counter(
     P + "events_superseded_total",
     "Events replaced by a newer event for the same user and audience before upload.",

@@ -9,6 +9,8 @@ EXPECTED = {
     ("audience_sync_build", "info", ("version",)),
     ("audience_sync_events_consumed", "counter", ("topic",)),
     ("audience_sync_events_skipped", "counter", ("reason",)),
+    ("audience_sync_offline_events", "counter", ("event", "outcome")),
+    ("audience_sync_offline_match_keys", "counter", ("key",)),
     ("audience_sync_events_uploaded", "counter", ("action",)),
     ("audience_sync_events_superseded", "counter", ()),
     ("audience_sync_events_dead_lettered", "counter", ("reason",)),
@@ -69,7 +71,8 @@ BOUNDED_LABELS = {
     "status_class",
     "verdict",
     "cause",
-    "event",
+    "event",  # rebalance events; offline events: a TikTok standard event name (validated) or "unknown"
+    "key",  # offline match key types (service/core/offline.py MATCH_KEYS)
     "version",
 }
 

@@ -217,6 +217,41 @@ def check_mappings(path: Path | None, result: Mappings | MappingsError | None) -
     return Check("mappings", str(path), Status.OK, f"valid, {len(result)} audience(s)")
 
 
+OFFLINE_UNVERIFIED = (
+    "format only (digits): TikTok documents no endpoint this service can confirm for reading an event set, so "
+    "it is not verified with TikTok; the first /event/track/ answer is"
+)
+
+
+def check_offline_event_sets(result: Mappings | MappingsError | None) -> list[Check]:
+    """The mappings file's `offline_events:` event sets: their format, and whether any is configured at all."""
+    if not isinstance(result, Mappings) or result.offline is None:
+        return []
+    o = result.offline
+    sets = (
+        [(f"default_event_set_id {o.default_event_set_id}", o.default_event_set_id)] if o.default_event_set_id else []
+    )
+    sets += [(f"event_sets.{adv} {set_id}", set_id) for adv, set_id in sorted(o.event_set_ids.items())]
+    if not sets:
+        return [
+            Check(
+                "event_set",
+                "offline_events",
+                Status.WARN,
+                "no event set configured: Segment commerce events are skipped and canonical offline events "
+                "dead-lettered missing_event_set_id",
+                "set offline_events.default_event_set_id or offline_events.event_sets in the mappings file",
+            )
+        ]
+    out = []
+    for subject, set_id in sets:
+        if set_id.isascii() and set_id.isdigit():
+            out.append(Check("event_set", subject, Status.OK, OFFLINE_UNVERIFIED))
+        else:  # parse_mappings refuses these; kept for mappings built in code
+            out.append(Check("event_set", subject, Status.FAIL, "not a TikTok id (digits only)"))
+    return out
+
+
 def check_broker(view: BrokerView) -> Check:
     if view.error is not None or view.topics is None:
         return Check(
@@ -558,7 +593,7 @@ async def diagnose(
             mappings = load_mappings(mappings_path)
         except MappingsError as exc:
             mappings = exc
-    checks = [check_mappings(mappings_path, mappings)]
+    checks = [check_mappings(mappings_path, mappings), *check_offline_event_sets(mappings)]
     plan = make_plan(mappings if isinstance(mappings, Mappings) else None, settings.default_advertiser_id)
     token = TokenSource(settings)
     broker_task = asyncio.create_task(asyncio.to_thread(fetch_broker, admin_config(settings, environ), timeout_s))

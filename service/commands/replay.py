@@ -56,6 +56,7 @@ from service.config import ConfigError, Settings, producer_config
 from service.core.mappings import Mappings
 from service.core.membership import Resolver
 from service.core.model import AudienceChange, AudienceNeeded, Skipped
+from service.core.offline import OfflineEvent
 from service.core.schemas import SchemaNotLoaded, SchemaStore
 from service.core.types import Headers, TopicPartition
 from service.kafka.consumer import KafkaSourceConsumer
@@ -435,6 +436,8 @@ def _would(resolver: Resolver, value: bytes | None, headers: Headers | None) -> 
         return f"skip ({outcome.reason})"
     if isinstance(outcome, AudienceNeeded):
         return "sync after creating its audience"
+    if isinstance(outcome, OfflineEvent):
+        return "send (offline event)"
     return f"fail again ({outcome.reason.value})"
 
 

@@ -23,6 +23,8 @@ from service.core.batcher import Batcher
 from service.core.dlq_guard import DlqGuard
 from service.core.mappings import Mappings, MappingsError, load_mappings
 from service.core.membership import Resolver, ResolverSettings
+from service.core.offline import MAX_EVENTS_PER_REQUEST
+from service.core.offline_batcher import OfflineBatcher
 from service.core.retry import Backoff
 from service.core.schemas import SchemaStore
 from service.http import create_ops_app, heartbeat_check
@@ -110,6 +112,14 @@ def build_pipeline(
             clock=time.monotonic,
         ),
         uploader=tiktok,
+        event_uploader=tiktok,
+        # Offline events: BATCH_MAX_ROWS / BATCH_MAX_BYTES / BATCH_LINGER_MS too, within TikTok's 1,000 per request.
+        offline_batcher=OfflineBatcher(
+            max_rows=min(settings.batch_max_rows, MAX_EVENTS_PER_REQUEST),
+            max_bytes=settings.batch_max_bytes,
+            linger_s=settings.batch_linger_ms / 1000,
+            clock=time.monotonic,
+        ),
         dlq=dlq,
         dlq_topic=dlq_topic,
         backoff=backoff(settings),
@@ -122,6 +132,8 @@ def build_pipeline(
             revoke_timeout_s=settings.revoke_timeout_s,
             auth_retry_s=settings.auth_retry_s,
             max_qps=settings.tiktok_max_qps,
+            events_max_qps=settings.tiktok_events_max_qps,
+            events_max_rows_scarce=min(settings.batch_max_rows_ceiling, MAX_EVENTS_PER_REQUEST),
             max_rows_scarce=max(settings.batch_max_rows, settings.batch_max_rows_ceiling),
             quota_pause_s=settings.tiktok_quota_pause_s,
         ),

@@ -99,6 +99,10 @@ class Batch:
     def action(self) -> Action:
         return self.key[1]
 
+    def part(self, rows: list[Row], budget: SplitBudget | None) -> Batch:
+        """A half or per-audience part of this batch, to be resent."""
+        return Batch(self.id, self.key, rows, "split", self.attempts, budget)
+
     @property
     def id_schema(self) -> tuple[IdType, ...]:
         """The union of the rows' identifier types, in `ID_TYPES` order (computed: halves may need fewer)."""

@@ -2,7 +2,9 @@
 
 Detection is per record, because one topic may carry several producers. A `content-type` header wins;
 otherwise the first byte decides: 0x00 is the Confluent magic byte, `{` is JSON, anything else is schemaless
-Avro. The canonical schema keeps a non-empty string first, so schemaless Avro never starts with 0x00 or `{`.
+Avro. The canonical schema keeps a non-empty string first, so schemaless Avro never starts with 0x00 or `{`;
+the offline-event schema keeps the boolean `offline_event` (always true) first, so a schemaless offline record
+starts with 0x01, which no membership record (the even length of a non-empty string) starts with.
 Error texts describe the problem and never echo payload bytes (they end up in `dlq.error`).
 """
 
@@ -16,7 +18,7 @@ import orjson
 from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 
-from service.core.schemas import SchemaNotLoaded, SchemaStore
+from service.core.schemas import OFFLINE, SchemaNotLoaded, SchemaStore
 
 SEGMENT: Final = "segment"
 CANONICAL_JSON: Final = "canonical_json"
@@ -130,11 +132,12 @@ def _decode_json(value: bytes) -> Event | Undecodable:
         return Undecodable(UNKNOWN, f"JSON value is {kind}, expected an object")
     if "type" in data:
         return Event(SEGMENT, data)
-    if "audience_key" in data or "action" in data:
-        return Event(CANONICAL_JSON, data)
+    if "audience_key" in data or "action" in data or "offline_event" in data:
+        return Event(CANONICAL_JSON, data)  # membership or offline: the resolver tells them apart
     return Undecodable(
         UNKNOWN,
-        'JSON object is neither a Segment event (no "type") nor a canonical event (no "audience_key")',
+        'JSON object is neither a Segment event (no "type") nor a canonical event (no "audience_key", '
+        'no "offline_event")',
     )
 
 
@@ -161,6 +164,8 @@ def _read_avro(value: bytes, offset: int, writer: Any, reader: Any | None, fmt: 
 
 
 def _decode_schemaless(value: bytes, schemas: SchemaStore) -> Event | Undecodable:
+    if value[0] == 0x01:  # `offline_event: true`, the offline schema's first field (module docstring)
+        return _read_avro(value, 0, schemas.offline_decode_schema, None, CANONICAL_AVRO, "schemaless offline Avro")
     return _read_avro(value, 0, schemas.decode_schema, None, CANONICAL_AVRO, "schemaless Avro")
 
 
@@ -177,5 +182,6 @@ def _decode_confluent(value: bytes, schemas: SchemaStore) -> Event | Undecodable
             return Undecodable(CONFLUENT_AVRO, reason)
         raise SchemaNotLoaded(schema_id)
     if entry.reader is None:  # canonical layout: no resolution, and event_time stays int ms
-        return _read_avro(value, 5, schemas.decode_schema, None, CONFLUENT_AVRO, f"schema id {schema_id}")
+        layout = schemas.offline_decode_schema if entry.kind == OFFLINE else schemas.decode_schema
+        return _read_avro(value, 5, layout, None, CONFLUENT_AVRO, f"schema id {schema_id}")
     return _read_avro(value, 5, entry.writer, entry.reader, CONFLUENT_AVRO, f"schema id {schema_id}")

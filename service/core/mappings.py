@@ -17,6 +17,7 @@ import yaml
 from service.core.customer_files import CONTRACT_FOR_ID_TYPE, FileContract
 from service.core.identifiers import is_supported_region
 from service.core.model import ID_TYPES, IdType
+from service.core.offline import MATCH_KEYS, OfflineSettings, build_event_map
 
 
 class MappingsError(ValueError):
@@ -102,13 +103,22 @@ class AudienceMapping:
 
 
 class Mappings:
-    """Immutable lookup by audience key; `source` names the file in operator-facing messages."""
+    """Immutable lookup by audience key; `source` names the file in operator-facing messages.
 
-    __slots__ = ("_audiences", "source")
+    `offline` is the file's `offline_events:` section (None when absent: offline events unconfigured).
+    """
 
-    def __init__(self, audiences: Mapping[str, AudienceMapping], source: str | None = None) -> None:
+    __slots__ = ("_audiences", "offline", "source")
+
+    def __init__(
+        self,
+        audiences: Mapping[str, AudienceMapping],
+        source: str | None = None,
+        offline: OfflineSettings | None = None,
+    ) -> None:
         self._audiences: dict[str, AudienceMapping] = dict(audiences)
         self.source = source
+        self.offline = offline
 
     @classmethod
     def empty(cls) -> Mappings:
@@ -290,9 +300,11 @@ def parse_mappings(data: object, source: str = "<mappings>") -> Mappings:
     """Validate already-parsed file content (what `load_mappings` does after reading YAML or JSON)."""
     if not isinstance(data, dict):
         raise MappingsError(f"{source}: must be a mapping with a top-level 'audiences' key")
-    unknown = sorted(str(k) for k in data if k != "audiences")
+    unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
     if unknown:
-        raise MappingsError(f"{source}: unknown top-level key(s) {', '.join(unknown)} (allowed: audiences)")
+        raise MappingsError(
+            f"{source}: unknown top-level key(s) {', '.join(unknown)} (allowed: {', '.join(_TOP_KEYS)})"
+        )
     if "audiences" not in data:
         raise MappingsError(f"{source}: missing top-level 'audiences' key")
     audiences = data["audiences"]
@@ -308,7 +320,56 @@ def parse_mappings(data: object, source: str = "<mappings>") -> Mappings:
         if not key.strip():
             raise MappingsError(f"{source}: audiences: empty audience key")
         result[key] = _entry(key, raw, f"{source}: audiences.{key}")
-    return Mappings(result, source)
+    offline = _offline(data["offline_events"], f"{source}: offline_events") if "offline_events" in data else None
+    return Mappings(result, source, offline)
+
+
+_TOP_KEYS: Final = ("audiences", "offline_events")
+_OFFLINE_KEYS: Final = ("default_event_set_id", "event_sets", "event_names", "match_keys")
+
+
+def _offline(raw: object, where: str) -> OfflineSettings:
+    """The `offline_events:` section (docs/design.md "Mappings file"); every error names the field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MappingsError(f"{where}: must be a mapping ({', '.join(_OFFLINE_KEYS)})")
+    unknown = sorted(str(k) for k in raw if k not in _OFFLINE_KEYS)
+    if unknown:
+        raise MappingsError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {', '.join(_OFFLINE_KEYS)})")
+    default = raw.get("default_event_set_id")
+    default_id = None if default is None else _digits(default, f"{where}.default_event_set_id")
+    sets = raw.get("event_sets") or {}
+    if not isinstance(sets, dict):
+        raise MappingsError(f"{where}.event_sets: must be a mapping of advertiser id to event set id")
+    event_sets: dict[str, str] = {}
+    for adv, set_id in sets.items():
+        adv_id = _digits(adv, f"{where}.event_sets: advertiser id")
+        event_sets[adv_id] = _digits(set_id, f"{where}.event_sets.{adv_id}")
+    names = raw.get("event_names") or {}
+    if not isinstance(names, dict):
+        raise MappingsError(f"{where}.event_names: must be a mapping of upstream event name to TikTok event or null")
+    for name, target in names.items():
+        if not isinstance(name, str) or (target is not None and not isinstance(target, str)):
+            raise MappingsError(f"{where}.event_names: {str(name)[:40]!r} must map a name to a TikTok event or null")
+    try:
+        event_map = build_event_map(names)
+    except ValueError as exc:
+        raise MappingsError(f"{where}.event_names: {exc}") from None
+    keys = raw.get("match_keys")
+    enabled = frozenset(MATCH_KEYS)
+    if keys is not None:
+        if not isinstance(keys, list) or not keys:
+            raise MappingsError(f"{where}.match_keys: must be a non-empty list of {', '.join(MATCH_KEYS)}")
+        for k in keys:
+            if k not in MATCH_KEYS:
+                raise MappingsError(
+                    f"{where}.match_keys: unknown key {str(k)[:40]!r} (allowed: {', '.join(MATCH_KEYS)})"
+                )
+        enabled = frozenset(keys)
+    return OfflineSettings(
+        event_map=event_map, enabled_keys=enabled, event_set_ids=event_sets, default_event_set_id=default_id
+    )
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

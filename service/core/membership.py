@@ -22,8 +22,9 @@ fix will make it go through.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -41,6 +42,7 @@ from service.core.model import (
     Rejected,
     Skipped,
 )
+from service.core.offline import OfflineEvent, OfflineParser, OfflineSettings, is_canonical_offline
 from service.core.schemas import SchemaNotLoaded, SchemaStore
 
 NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
@@ -79,7 +81,7 @@ class ResolverSettings:
 class Processed(NamedTuple):
     """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
 
-    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded
+    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded | OfflineEvent
     match_errors: tuple[MatchError, ...]
     event_format: str  # "segment" | "canonical_json" | "canonical_avro" | "confluent_avro" | "unknown"
 
@@ -142,12 +144,27 @@ def _dict(value: object) -> dict[str, Any]:
 
 
 class Resolver:
-    """Decode → resolve membership, audience, advertiser → normalise and hash identifiers.
+    """Decode → resolve membership, audience, advertiser → normalise and hash identifiers; or an offline event.
 
-    `mappings` is a plain attribute so a reloaded mappings file can be swapped in between records.
+    `mappings` is a plain attribute so a reloaded mappings file can be swapped in between records; the offline
+    settings used are always those of the current mappings (`Mappings.offline`), else `offline`, else none.
+
+    Routing (invariant: neither kind is ever mistaken for the other): a canonical offline record (JSON with
+    `offline_event` and no membership key, Avro of the offline schema) is always parsed as an offline event
+    (unconfigured, it dead-letters `missing_event_set_id`); a Segment `track` event without `context.personas`
+    is an offline event only while offline events are enabled (an event set is configured), else
+    `not_audience_event` as before; Segment events with `context.personas` are always membership events.
     """
 
-    def __init__(self, settings: ResolverSettings, mappings: Mappings, schemas: SchemaStore) -> None:
+    def __init__(
+        self,
+        settings: ResolverSettings,
+        mappings: Mappings,
+        schemas: SchemaStore,
+        *,
+        offline: OfflineSettings | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         if not is_supported_region(settings.phone_default_region):
             raise ValueError(f"PHONE_DEFAULT_REGION: unknown region {settings.phone_default_region!r}")
         both = set(settings.enter_event_names) & set(settings.exit_event_names)
@@ -160,6 +177,11 @@ class Resolver:
             raise ValueError("max_record_bytes must be positive")
         self.settings = settings
         self.mappings = mappings
+        self.offline = offline
+        self._wall = wall
+        self._offline_for: object = ()  # the settings object `_offline_parser` was built for
+        self._offline_parser: OfflineParser | None = None
+        self._offline_enabled = False
         # (advertiser id, audience name) → id of an audience created on demand; shared with the audience store.
         self.created_audiences: Mapping[tuple[str, str], str] = {}
         self._schemas = schemas
@@ -212,7 +234,15 @@ class Resolver:
                 return Processed(Rejected(_INVALID, decoded.error), (), fmt)
             data = decoded.data
             if fmt == SEGMENT:
+                if data.get("type") == "track" and "personas" not in _dict(data.get("context")):
+                    parser = self._offline()
+                    if self._offline_enabled:
+                        parsed = parser.parse(data, now=self._wall())
+                        return Processed(parsed.outcome, parsed.match_errors, fmt)
                 outcome, errors = self._segment(data)
+            elif "offline_event" in data and is_canonical_offline(data):
+                parsed = self._offline().parse(data, now=self._wall())
+                return Processed(parsed.outcome, parsed.match_errors, fmt)
             else:
                 outcome, errors = self._canonical(data)
             return Processed(outcome, errors, fmt)
@@ -220,6 +250,18 @@ class Resolver:
             raise
         except Exception as exc:  # last line of defence: a bug must dead-letter one record, not stop the partition
             return Processed(Rejected(_INVALID, f"event could not be processed ({type(exc).__name__})"), (), fmt)
+
+    def _offline(self) -> OfflineParser:
+        """The parser for the current mappings' offline settings (rebuilt only when they change)."""
+        settings = self.mappings.offline or self.offline
+        if settings is not self._offline_for or self._offline_parser is None:
+            base = settings or OfflineSettings()
+            self._offline_parser = OfflineParser(replace(base, phone_default_region=self._region))
+            self._offline_enabled = settings is not None and bool(
+                settings.default_event_set_id or settings.event_set_ids
+            )
+            self._offline_for = settings
+        return self._offline_parser
 
     # -- Segment Engage --------------------------------------------------------------------------------------
 

@@ -356,6 +356,11 @@ def _wire(e: OfflineEvent, *, with_id: bool = True) -> dict[str, object]:
     return item
 
 
+def event_wire(e: OfflineEvent) -> dict[str, object]:
+    """One event's `data[]` item of the `/event/track/` body (the batcher sizes requests with it)."""
+    return _wire(e)
+
+
 def event_track_body(event_set_id: str, events: Sequence[OfflineEvent], *, partner_name: str | None = None) -> bytes:
     """The JSON body of `POST /event/track/` for 1..`MAX_EVENTS_PER_REQUEST` events of one event set.
 

@@ -27,6 +27,11 @@ OFFLINE_JSON_SCHEMA_PATH: Final[Path] = SCHEMAS_DIR / "offline_event.json"
 
 # Fields a writer schema must have: without them no record it writes can be resolved.
 _REQUIRED_FIELDS: Final[tuple[str, ...]] = ("audience_key", "action")
+# ... or, for an offline-event writer schema (recognised by its `offline_event` field).
+_OFFLINE_REQUIRED_FIELDS: Final[tuple[str, ...]] = ("offline_event", "event", "event_time")
+
+MEMBERSHIP: Final = "membership"
+OFFLINE: Final = "offline"
 
 
 class SchemaNotLoaded(Exception):
@@ -91,11 +96,13 @@ class WriterSchema:
     """A cached Confluent writer schema, ready for `fastavro.schemaless_reader(fo, writer, reader)`.
 
     `reader` is None when the writer has the canonical binary layout: no resolution (about 2x faster).
+    `kind` is "membership" (resolved against the membership schema) or "offline" (against the offline schema).
     """
 
     schema_id: int
     writer: Any
     reader: Any | None
+    kind: str = MEMBERSHIP
 
 
 class SchemaStore:
@@ -117,6 +124,11 @@ class SchemaStore:
         self.decode_schema: Final[Any] = fastavro.parse_schema(_strip_logical_types(self.canonical))
         self._canonical_form = to_parsing_canonical_form(self.canonical_parsed)
         self._record_name = _full_name(self.canonical, None)
+        # Offline events: schemaless records starting with 0x01 and identical-layout Confluent ones.
+        self.offline: Final[dict[str, Any]] = copy.deepcopy(load_offline_schema())
+        self.offline_decode_schema: Final[Any] = fastavro.parse_schema(_strip_logical_types(self.offline))
+        self._offline_form = to_parsing_canonical_form(fastavro.parse_schema(copy.deepcopy(self.offline)))
+        self._offline_name = _full_name(self.offline, None)
         self._schemas: dict[int, WriterSchema] = {}
         self._unknown: dict[int, tuple[str, float]] = {}
         self._unknown_ttl_s = unknown_ttl_s
@@ -143,7 +155,10 @@ class SchemaStore:
         )
 
     def add(self, schema_id: int, schema: str | bytes | Mapping[str, Any]) -> WriterSchema:
-        """Parse and cache a writer schema; raises `SchemaError` if it cannot decode canonical events."""
+        """Parse and cache a writer schema; raises `SchemaError` if it cannot decode canonical events.
+
+        A schema with an `offline_event` field is an offline-event schema, resolved against the offline one.
+        """
         try:
             raw: Any = orjson.loads(schema) if isinstance(schema, str | bytes) else copy.deepcopy(schema)
         except orjson.JSONDecodeError as exc:
@@ -152,17 +167,24 @@ class SchemaStore:
             raise SchemaError(f"schema id {schema_id} is not an Avro record schema")
         fields = raw.get("fields")
         names = {f.get("name") for f in fields if isinstance(f, dict)} if isinstance(fields, list) else set()
-        missing = [f for f in _REQUIRED_FIELDS if f not in names]
+        kind = OFFLINE if "offline_event" in names else MEMBERSHIP
+        required = _OFFLINE_REQUIRED_FIELDS if kind == OFFLINE else _REQUIRED_FIELDS
+        missing = [f for f in required if f not in names]
         if missing:
-            raise SchemaError(f"schema id {schema_id} has no field {', '.join(missing)} of the canonical event")
+            what = "offline event" if kind == OFFLINE else "canonical event"
+            raise SchemaError(f"schema id {schema_id} has no field {', '.join(missing)} of the {what}")
         try:
             writer = fastavro.parse_schema(copy.deepcopy(raw))
         except Exception as exc:  # fastavro raises several types for bad schemas
             raise SchemaError(f"schema id {schema_id} is not a valid Avro schema: {exc}") from None
         reader = None
-        if to_parsing_canonical_form(writer) != self._canonical_form:
+        form = to_parsing_canonical_form(writer)
+        if kind == OFFLINE:
+            if form != self._offline_form:
+                reader = self._offline_reader_for(raw)
+        elif form != self._canonical_form:
             reader = self._reader_for(raw)
-        entry = WriterSchema(schema_id, writer, reader)
+        entry = WriterSchema(schema_id, writer, reader, kind)
         self._schemas[schema_id] = entry
         self._unknown.pop(schema_id, None)
         return entry
@@ -184,6 +206,14 @@ class SchemaStore:
                     for reader_field in reader["fields"]:
                         if reader_field["name"] == "action":
                             reader_field["type"]["aliases"] = [_full_name(enum, writer_ns)]
+        return fastavro.parse_schema(reader)
+
+    def _offline_reader_for(self, writer: dict[str, Any]) -> Any:
+        """The offline reader schema (logical types stripped: times stay int ms), aliased to the writer's name."""
+        reader = _strip_logical_types(self.offline)
+        writer_name = _full_name(writer, None)
+        if writer_name != self._offline_name:
+            reader["aliases"] = [writer_name]
         return fastavro.parse_schema(reader)
 
     def __contains__(self, schema_id: object) -> bool:

@@ -22,12 +22,12 @@ from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
 
 
-def _metric_sum(text: str, name: str) -> float:
+def _metric_sum(text: str, name: str, having: str = "") -> float:
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
+            if (head == name or head.startswith(name + "{")) and having in head:
                 total += float(value)
     return total
 
@@ -38,6 +38,9 @@ def _get(url: str) -> bytes:
         return body
 
 
+DEMO_EVENT_SET = "7100000000000000001"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audience-sync demo", description=__doc__)
     p.add_argument("--rate", type=float, default=200.0, help="sample events per second (default 200)")
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--duration", type=float, default=0, help="stop after N seconds (0 = until Ctrl-C)")
     p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--offline", type=float, default=0.1, help="share of offline conversions (default 0.1; 0 = none)")
     args = p.parse_args(argv)
 
     from service.devtools.sandbox.server import SandboxThread
@@ -66,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         with SandboxThread(
             host="127.0.0.1", port=free_port(), advertisers=[ADVERTISER_ID], audiences=audiences
         ) as sandbox:
+            # Offline conversions need an event set (docs/design.md "Mappings file"); audiences come from the events.
+            mappings = workdir / "mappings.yaml"
+            mappings.write_text(f'audiences: {{}}\noffline_events:\n  default_event_set_id: "{DEMO_EVENT_SET}"\n')
             env = dict(os.environ)
             env.update(
+                MAPPINGS_FILE=str(mappings),
                 KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
                 SOURCE_TOPIC=topic,
                 TIKTOK_API_URL=sandbox.url,
@@ -93,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                         str(args.count),
                         "--users",
                         str(args.users),
+                        "--offline",
+                        str(args.offline),
                     ],
                     env=env,
                     stderr=subprocess.DEVNULL,
@@ -104,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"sandbox  {sandbox.url}  (state: {sandbox.base_url}/_sandbox/state)\n"
                 f"metrics  {metrics_url}   health: http://127.0.0.1:{args.http_port}/readyz\n"
                 f"logs     {workdir}\n"
-                f"traffic  {args.rate:.0f} Segment Engage events/s over {args.users} users; Ctrl-C stops\n",
+                f"traffic  {args.rate:.0f} events/s over {args.users} users, {args.offline:.0%} of them offline "
+                "conversions; Ctrl-C stops\n",
                 flush=True,
             )
             start = time.monotonic()
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 consumed = _metric_sum(text, "audience_sync_events_consumed_total")
                 uploaded = _metric_sum(text, "audience_sync_events_uploaded_total")
                 dead = _metric_sum(text, "audience_sync_events_dead_lettered_total")
+                conversions = _metric_sum(text, "audience_sync_offline_events_total", 'outcome="sent"')
                 rate = (uploaded - last_up) / 3
                 last_up = uploaded
                 sizes = ", ".join(
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"[{time.monotonic() - start:6.0f}s] consumed {consumed:.0f}  uploaded {uploaded:.0f} "
-                    f"({rate:.0f}/s)  dead-lettered {dead:.0f}  audience ids hashed in TikTok: {sizes}",
+                    f"({rate:.0f}/s)  dead-lettered {dead:.0f}  conversions sent {conversions:.0f}  "
+                    f"audience ids hashed in TikTok: {sizes}",
                     flush=True,
                 )
             print("stopping...", flush=True)

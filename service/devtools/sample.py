@@ -1,5 +1,10 @@
 """`audience-sync produce-sample`: realistic Segment Engage audience traffic, seeded and reproducible.
 
+`--offline [SHARE]` mixes offline conversions into the same topic (issue 12): about SHARE of the records (0.1 when
+no share is given) are purchases and leads, half canonical offline events (`schemas/offline_event.json`), half
+Segment "Order Completed" / "Checkout Started" tracks without `context.personas`, all for `ADVERTISER_ID`, with
+stable event ids. The service sends them once its mappings file names an event set (`offline_events:`).
+
 The same generator feeds `make run`, the integration tests (which compute the expected TikTok state from it)
 and the benchmark.
 """
@@ -160,6 +165,75 @@ def generate(
         yield SampleEvent(user.user_id.encode(), orjson.dumps(doc), user, audience, entered)
 
 
+OFFLINE_SEGMENT_EVENTS = ("Order Completed", "Checkout Started", "Product Added", "Signed Up")
+OFFLINE_CANONICAL_EVENTS = ("CompletePayment", "PlaceAnOrder", "Contact", "SubmitForm")
+
+
+def offline_event(user: SampleUser, rng: random.Random, n: int, *, now: float | None = None) -> bytes:
+    """One offline conversion of `user`: canonical or Segment e-commerce, happened up to an hour before `now`."""
+    at = (time.time() if now is None else now) - rng.uniform(0, 3600)
+    value = round(rng.uniform(5, 250), 2)
+    if rng.random() < 0.5:
+        doc: dict[str, object] = {
+            "offline_event": True,
+            "event": OFFLINE_CANONICAL_EVENTS[rng.randrange(len(OFFLINE_CANONICAL_EVENTS))],
+            "event_time": int(at * 1000),
+            "message_id": f"pos-{n}-{rng.getrandbits(48):012x}",
+            "advertiser_id": ADVERTISER_ID,
+            "channel": "in_store",
+            "external_id": user.user_id,
+            "currency": "USD",
+            "value": value,
+            "order_id": f"ord-{n}",
+        }
+        if user.email:
+            doc["email"] = user.email
+        if user.phone:
+            doc["phone"] = user.phone
+        return orjson.dumps(doc)
+    traits: dict[str, object] = {}
+    if user.email:
+        traits["email"] = user.email
+    if user.phone:
+        traits["phone"] = user.phone
+    return orjson.dumps(
+        {
+            "type": "track",
+            "event": OFFLINE_SEGMENT_EVENTS[rng.randrange(len(OFFLINE_SEGMENT_EVENTS))],
+            "userId": user.user_id,
+            "messageId": f"ajs-{n}-{rng.getrandbits(48):012x}",
+            "timestamp": iso_utc_ms(at),
+            "context": {"traits": traits, "ip": "203.0.113.7"},
+            "properties": {
+                "order_id": f"sord-{n}",
+                "revenue": value,
+                "currency": "USD",
+                "advertiser_id": ADVERTISER_ID,
+                "products": [{"product_id": f"sku-{rng.randrange(100)}", "price": value, "quantity": 1}],
+            },
+        }
+    )
+
+
+def mixed(
+    count: int, *, offline: float, seed: int = 1, users: int = 1000, identifiers: str = "mixed"
+) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) records: `generate`'s membership events with about `offline` of them offline conversions.
+
+    The membership events are exactly those `generate` yields for the same seed (the conversions use their own
+    random stream), so expected audience membership is unchanged by the conversions."""
+    rng = random.Random(seed ^ 0x0FF1)
+    people = make_users(users, random.Random(seed + 1), identifiers)
+    membership = generate(count, seed=seed, users=users, identifiers=identifiers)
+    for n in range(count):
+        if offline > 0 and rng.random() < offline:
+            user = people[rng.randrange(len(people))]
+            yield user.user_id.encode(), offline_event(user, rng, n)
+        else:
+            ev = next(membership)
+            yield ev.key, ev.value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audience-sync produce-sample", description=__doc__)
     p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
@@ -169,7 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--identifiers", choices=("mixed", "email", "phone"), default="mixed")
+    p.add_argument(
+        "--offline",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=0.0,
+        metavar="SHARE",
+        help="mix in offline conversions, about SHARE of the records (0.1 when no share is given)",
+    )
     args = p.parse_args(argv)
+    if not 0.0 <= args.offline <= 1.0:
+        print("audience-sync produce-sample: --offline SHARE must be between 0 and 1", file=sys.stderr)
+        return 2
     if not args.bootstrap:
         print(
             "audience-sync produce-sample: --bootstrap or KAFKA_BOOTSTRAP_SERVERS is required",
@@ -181,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "linger.ms": 20})
     start = time.monotonic()
     sent = 0
-    for ev in generate(args.count, seed=args.seed, users=args.users, identifiers=args.identifiers):
+    records = mixed(args.count, offline=args.offline, seed=args.seed, users=args.users, identifiers=args.identifiers)
+    for key, value in records:
         while True:
             try:
-                producer.produce(args.topic, key=ev.key, value=ev.value)
+                producer.produce(args.topic, key=key, value=value)
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -27,6 +27,8 @@ from service.core.dlq_guard import DlqGuard
 from service.core.ledger import Ledger
 from service.core.membership import Processed, Resolver
 from service.core.model import AudienceChange, AudienceNeeded, DlqReason, Outcome, Rejected, Skipped
+from service.core.offline import UNMAPPED_EVENT, OfflineEvent
+from service.core.offline_batcher import OfflineBatcher
 from service.core.pauses import Pauses
 from service.core.schemas import SchemaNotLoaded
 from service.core.types import Headers, RecordRef, TopicPartition
@@ -55,8 +57,14 @@ class Source:
     timestamp_ms: int | None
 
 
+# Reasons only offline events get: their dead letters count under `offline_events_total{event="unknown"}` (the
+# event name is not known of a record that did not validate).
+_OFFLINE_REASONS = frozenset({DlqReason.INVALID_EVENT, DlqReason.EVENT_TOO_OLD, DlqReason.MISSING_EVENT_SET_ID})
+
+
 class Router:
-    """Sends a resolved record on its way: batch, skip, wait for its audience, or dead-letter."""
+    """Sends a resolved record on its way: batch (audience changes to `batcher`, offline events to `offline`),
+    skip, wait for its audience, or dead-letter."""
 
     def __init__(
         self,
@@ -67,17 +75,27 @@ class Router:
         finish: Callable[[Source], None],
         dead_letter: Callable[[Source, DeadLetter], None],
         counts: collections.Counter[tuple[Any, ...]],
+        offline: OfflineBatcher | None = None,
     ) -> None:
         self.batcher = batcher
+        self.offline = offline
         self.holds = holds
         self.guard = guard
         self._finish = finish
         self._dead_letter = dead_letter
         self.counts = counts
 
-    def route(self, src: Source, outcome: Outcome) -> None:
+    def route(self, src: Source, outcome: Outcome | OfflineEvent) -> None:
         counts = self.counts
-        if isinstance(outcome, AudienceChange):
+        if isinstance(outcome, OfflineEvent):
+            if self.offline is None:  # a wiring defect: never drop an event silently
+                self._dead_letter(src, DeadLetter(DlqReason.INVALID_EVENT, "offline events are not wired here"))
+                return
+            self.guard.ok()
+            for key in outcome.match_keys:
+                counts[("offline_key", key)] += 1
+            self.offline.add(src.ref, outcome, src)
+        elif isinstance(outcome, AudienceChange):
             if self.holds.any_held and self.holds.holding(outcome.audience_key):
                 self.holds.queue(cast(str, outcome.audience_key), src)
                 return
@@ -91,10 +109,14 @@ class Router:
                     self._finish(old.source)
         elif isinstance(outcome, Skipped):
             counts[("skipped", outcome.reason)] += 1
+            if outcome is UNMAPPED_EVENT or outcome.reason == UNMAPPED_EVENT.reason:
+                counts[("offline", "unmapped", "skipped")] += 1
             self._finish(src)
         elif isinstance(outcome, AudienceNeeded):
             self.holds.hold(src, outcome)
         else:
+            if outcome.reason in _OFFLINE_REASONS:
+                counts[("offline", "unknown", "dead_lettered")] += 1
             self._dead_letter(src, DeadLetter(outcome.reason, outcome.error))
 
     def flush_counts(self) -> None:
@@ -113,6 +135,10 @@ class Router:
                 m.EVENTS_SUPERSEDED.inc(n)
             elif kind == "skipped":
                 m.EVENTS_SKIPPED.labels(key[1]).inc(n)
+            elif kind == "offline_key":
+                m.OFFLINE_MATCH_KEYS.labels(key[1]).inc(n)
+            elif kind == "offline":
+                m.OFFLINE_EVENTS.labels(key[1], key[2]).inc(n)
         self.counts.clear()
 
 

@@ -7,13 +7,17 @@ delegated to a collaborator that owns one promise and states it as an invariant:
 - `Pauses` (core): a partition is paused exactly while it has a reason;
 - `Intake` / `Router`: records are tracked before anything can finish them, never for revoked partitions;
 - `AudienceHolds`: records of an audience being created keep their order;
-- `UploadScheduler` + `decide` (core): every row ends exactly once; no request carries a revoked row;
+- `UploadScheduler` + `decide` (core): every row ends exactly once; no request carries a revoked row. Two
+  instances: audience changes (`segment/mapping`) and offline events (`/event/track/`, `OfflineSink`), each
+  with its own token bucket (TikTok budgets the two endpoints apart, docs/tiktok-api.md §8.1) and one shared
+  `UploadGate` (one access token: an auth outage stops both);
 - `UploadGate`: an auth or endpoint outage stops uploads and always ends by itself;
 - `DeadLetterWriter`: a record is finished as dead-lettered only after the broker acked its letter;
 - `BrokerHealth`: readiness and lag.
 
 Flush-then-commit is the one at-least-once mechanism: an offset is stored only when every record up to it is
-uploaded, skipped, superseded or dead-lettered with a broker ack. Only this loop touches the consumer.
+uploaded, skipped, superseded or dead-lettered with a broker ack, whichever stream (audiences or offline
+events) it belongs to: both finish records in the one `Ledger`. Only this loop touches the consumer.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from service.core.ledger import Ledger
 from service.core.mappings import Mappings
 from service.core.membership import Resolver
 from service.core.model import DlqReason, Rejected
+from service.core.offline_batcher import OfflineBatcher, OfflineRow
 from service.core.pauses import Pauses
 from service.core.retry import Backoff, TokenBucket
 from service.core.schemas import SchemaNotLoaded
@@ -48,7 +53,13 @@ from service.pipeline.holds import AudienceHolds
 from service.pipeline.intake import Intake, IntakeHook, Router, SchemaFetcher, Source
 from service.pipeline.stats import BrokerHealth, brokers_up
 from service.pipeline.tasks import Tasks
-from service.pipeline.uploads import Uploader, UploadScheduler
+from service.pipeline.uploads import (
+    OFFLINE_MAX_ROWS_SCARCE,
+    EventUploader,
+    OfflineSink,
+    Uploader,
+    UploadScheduler,
+)
 
 __all__ = ["IntakeHook", "Pipeline", "PipelineOptions", "Source", "brokers_up"]
 
@@ -65,6 +76,8 @@ class PipelineOptions:
     revoke_timeout_s: float = 10.0
     auth_retry_s: float = 15.0
     max_qps: float = 8.0
+    events_max_qps: float = 50.0  # /event/track/ has its own budget (docs/tiktok-api.md §8.1)
+    events_max_rows_scarce: int = OFFLINE_MAX_ROWS_SCARCE  # events per request while requests are scarce (<= 1,000)
     max_rows_scarce: int = 10_000  # rows per request while the QPS cap or the in-flight slots bind
     quota_pause_s: float = 310.0  # TikTok pauses an app that overran its per-minute quota for 5 minutes
     quota_after_s: float = 20.0  # only rate-limit answers for this long: the per-minute quota is spent
@@ -89,6 +102,8 @@ class Pipeline:
         intake: IntakeHook | None = None,
         guard: DlqGuard | None = None,
         creator: AudienceCreator | None = None,
+        event_uploader: EventUploader | None = None,
+        offline_batcher: OfflineBatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -125,7 +140,14 @@ class Pipeline:
         self.holds = AudienceHolds(creator, reroute=self._reroute, dead_letter=self._dead_letter, spawn=self._spawn)
         resolver.created_audiences = self.holds.created  # written only when held records are routed
         self._counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+        # Offline events flow only with an uploader for them; otherwise the Router dead-letters them (a defect).
+        self.offline_batcher = (
+            (offline_batcher or OfflineBatcher(linger_s=batcher.linger_s, clock=clock))
+            if event_uploader is not None
+            else None
+        )
         self.router = Router(
+            offline=self.offline_batcher,
             batcher=batcher,
             holds=self.holds,
             guard=self.dead_letters.guard,
@@ -160,6 +182,23 @@ class Pipeline:
             clock=clock,
             sleep=sleep,
         )
+        self.offline_uploads: UploadScheduler | None = None
+        if event_uploader is not None and self.offline_batcher is not None:
+            self.offline_uploads = UploadScheduler(
+                batcher=self.offline_batcher,
+                outcomes=_OfflineOutcomes(self),
+                gate=self.gate,
+                backoff=backoff,
+                bucket=TokenBucket(options.events_max_qps, clock=clock),
+                max_inflight=options.max_inflight,
+                max_rows_scarce=min(options.events_max_rows_scarce, OFFLINE_MAX_ROWS_SCARCE),
+                quota_after_s=options.quota_after_s,
+                sink=OfflineSink(event_uploader),
+                clock=clock,
+                sleep=sleep,
+                gauges=False,
+            )
+        self._schedulers = [self.uploads] + ([self.offline_uploads] if self.offline_uploads is not None else [])
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -167,7 +206,7 @@ class Pipeline:
         self.consumer = consumer
         await consumer.start()
         self.started = True
-        dispatcher = asyncio.create_task(self.uploads.run(), name="dispatch")
+        dispatchers = [asyncio.create_task(u.run(), name=f"dispatch-{i}") for i, u in enumerate(self._schedulers)]
         idle_since = self.clock()
         batch, timeout = self.opt.consume_batch, self.opt.consume_timeout_s
         # The next consume() runs on the consumer thread while this batch is processed on the loop.
@@ -182,7 +221,7 @@ class Pipeline:
                         self.health.fetched()
                     idle_since = now
                     await self.intake.process(msgs)
-                    self.uploads.wake()
+                    self._wake_uploads()
                 self._store_offsets()
                 self._apply_pauses()
                 if self.ledger.pending() or self.holds.held_records or not consumer.assigned:
@@ -193,12 +232,14 @@ class Pipeline:
             await self._drain()
         finally:
             self._closing = True
-            dispatcher.cancel()
+            for d in dispatchers:
+                d.cancel()
             self.gate.close_all()
             self.dead_letters.close()
-            await asyncio.gather(dispatcher, return_exceptions=True)
+            await asyncio.gather(*dispatchers, return_exceptions=True)
             await self._tasks.close()
-            await self.uploads.close()
+            for u in self._schedulers:
+                await u.close()
             await consumer.close()
 
     async def _drain(self) -> None:
@@ -214,13 +255,19 @@ class Pipeline:
 
     async def _flush_until(self, busy: Callable[[], bool], timeout_s: float) -> None:
         deadline = self.clock() + timeout_s
-        self.uploads.force += 1
-        self.uploads.wake()
+        for u in self._schedulers:
+            u.force += 1
+            u.wake()
         try:
             while busy() and self.clock() < deadline:
                 await asyncio.sleep(0.02)
         finally:
-            self.uploads.force -= 1
+            for u in self._schedulers:
+                u.force -= 1
+
+    def _wake_uploads(self) -> None:
+        for u in self._schedulers:
+            u.wake()
 
     def set_mappings(self, mappings: Mappings) -> None:
         """Swap in reloaded mappings: records resolved from now on use them."""
@@ -258,7 +305,7 @@ class Pipeline:
         """A collaborator changed a pause reason or freed capacity: re-evaluate at once."""
         if self.consumer is not None and not self._closing:
             self._apply_pauses()
-        self.uploads.wake()
+        self._wake_uploads()
 
     async def _seek(self, tp: TopicPartition, offset: int) -> None:
         assert self.consumer is not None
@@ -298,6 +345,8 @@ class Pipeline:
         """After this returns nothing of `tps` is live: no request may start with their rows."""
         self.ledger.revoke(tps)
         self.batcher.drop_partitions(tps)
+        if self.offline_batcher is not None:
+            self.offline_batcher.drop_partitions(tps)
         self.intake.forget(tps)
         self.pauses.forget(tps)
         self.health.forget(tps)
@@ -348,11 +397,11 @@ class Pipeline:
             outcome = Rejected(DlqReason.INVALID_PAYLOAD, "schema no longer available")
         self.router.route(src, outcome)
         self.router.flush_counts()
-        self.uploads.wake()
+        self._wake_uploads()
 
     def _after_hold(self, src: Source, letter: DeadLetter) -> DeadLetter | None:
         """A record held by the guard, after it opened: resolve it again; None when it now syncs instead."""
-        if letter.reason not in (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_ADVERTISER_ID):
+        if letter.reason not in _MAPPING_REASONS:
             return letter
         try:
             outcome = self.resolver.process(src.value, src.headers).outcome
@@ -362,7 +411,7 @@ class Pipeline:
             return DeadLetter(outcome.reason, outcome.error)
         self.router.route(src, outcome)
         self.router.flush_counts()
-        self.uploads.wake()
+        self._wake_uploads()
         return None
 
     def _recently_created(self, batch: Batch) -> bool:
@@ -398,6 +447,38 @@ class Pipeline:
 
     def on_error(self, err: KafkaError) -> None:
         self.health.on_error(err)
+
+
+# Dead-letter reasons a mappings fix resolves: held letters of these are resolved again when the guard opens.
+_MAPPING_REASONS = (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_ADVERTISER_ID, DlqReason.MISSING_EVENT_SET_ID)
+
+
+class _OfflineOutcomes:
+    """The offline scheduler's outcomes: the same ledger and dead-letter writer, no audience cell logic."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._p = pipeline
+
+    def is_live(self, row: OfflineRow) -> bool:
+        return self._p.ledger.is_live(row.ref, row.source)
+
+    def uploaded(self, rows: list[OfflineRow]) -> None:
+        """A batch landed: finish its records, count them by TikTok event name."""
+        p = self._p
+        p.dead_letters.guard.ok()
+        now = p.wall()
+        m.LAST_UPLOAD.set(now)
+        sent: collections.Counter[str] = collections.Counter()
+        finish = p.ledger.finish
+        for row in rows:
+            sent[row.event.event] += 1
+            if row.source is not None:
+                finish(row.source.ref, row.source)
+        for event, n in sent.items():
+            m.OFFLINE_EVENTS.labels(event, "sent").inc(n)
+
+    def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]:
+        return self._p.dead_letters.write(source, letter)
 
 
 def _fmt(tps: list[TopicPartition]) -> str:

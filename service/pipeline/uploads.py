@@ -12,22 +12,28 @@ Invariants (tests/pipeline/test_uploads.py and the model-based suite):
   (`retries_exhausted`), never in a stranded batch whose cells stay "in flight" forever;
 - at most `max_inflight` requests are open at once, at the token bucket's rate;
 - while a batch key backs off, its buffer is held (no new requests to the failing advertiser); other keys flow.
+
+What is sent where is the `Sink`'s: `AudienceSink` (the default: `segment/mapping` bodies from a `Batcher`) or
+`OfflineSink` (`/event/track/` bodies from an `OfflineBatcher`, service/core/offline_batcher.py). Both buffers offer
+what `Buffering` names; the policy, the limiter, the gate and the outcome bookkeeping are the same for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
+from typing import Any, Protocol, cast
 
 from service import metrics as m
 from service.core.answers import Answer, Verdict
-from service.core.batcher import Batch, Batcher, BatchKey, Row, SplitBudget
+from service.core.batcher import Batch, Row, SplitBudget
 from service.core.dead_letters import DeadLetter
 from service.core.model import DlqReason
+from service.core.offline import MAX_EVENTS_PER_REQUEST, event_track_body
 from service.core.retry import Backoff, TokenBucket
 from service.core.upload_policy import (
     QUOTA_SUSPECT_S,
@@ -54,12 +60,147 @@ class Uploader(Protocol):
     async def post_mapping(self, body: bytes) -> Answer: ...
 
 
+class EventUploader(Protocol):
+    async def post_event_track(self, body: bytes) -> Answer: ...
+
+
+class BatchLike(Protocol):
+    """A cut batch (`Batch`, `OfflineBatch`): rows leave it only through the scheduler."""
+
+    id: int
+    key: Any
+    rows: list[Any]
+    trigger: str
+    attempts: int
+    budget: SplitBudget | None
+
+    def part(self, rows: list[Any], budget: SplitBudget | None) -> Any: ...
+
+
+class Buffering(Protocol):
+    """What the scheduler uses of a batcher (`Batcher`, `OfflineBatcher`)."""
+
+    max_rows: int
+    pending_rows: int
+
+    def ready(
+        self,
+        *,
+        limit: int | None = None,
+        force: bool = False,
+        hold: Container[Any] = (),
+        max_rows: int | None = None,
+        eager: bool = False,
+    ) -> Sequence[BatchLike]: ...
+
+    def has_ready(self, *, force: bool = False, hold: Container[Any] = (), eager: bool = False) -> bool: ...
+
+    def next_deadline(self, hold: Container[Any] = ()) -> float | None: ...
+
+    def release(self, rows: Iterable[Any]) -> None: ...
+
+    def drop_partitions(self, tps: Iterable[Any]) -> int: ...
+
+
+class Sink(Protocol):
+    """Where batches go: the request body, the call, how a refused batch is split, the metric label."""
+
+    def label(self, batch: Any) -> str: ...
+
+    def body(self, batch: Any) -> bytes: ...
+
+    def post(self, body: bytes) -> Awaitable[Answer]: ...
+
+    def audiences(self, batch: Any) -> int: ...
+
+    def by_audience(self, rows: list[Any]) -> list[list[Any]]: ...
+
+    def recently_created(self, batch: Any) -> bool: ...
+
+    def reason(self, reason: DlqReason) -> DlqReason: ...
+
+    def dead_lettered(self, rows: list[Any]) -> None: ...
+
+
+class AudienceSink:
+    """`segment/mapping` uploads of `Batcher` batches (docs/tiktok-api.md §1.4)."""
+
+    def __init__(self, uploader: Uploader, recently_created: Callable[[Batch], bool]) -> None:
+        self.uploader = uploader
+        self._recently_created = recently_created
+
+    def label(self, batch: Batch) -> str:
+        return batch.action.value
+
+    def body(self, batch: Batch) -> bytes:
+        return mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows)
+
+    def post(self, body: bytes) -> Awaitable[Answer]:
+        return self.uploader.post_mapping(body)
+
+    def audiences(self, batch: Batch) -> int:
+        return len({r.change.audience_id for r in batch.rows})
+
+    def by_audience(self, rows: list[Row]) -> list[list[Row]]:
+        return _by_audience(rows)
+
+    def recently_created(self, batch: Batch) -> bool:
+        return self._recently_created(batch)
+
+    def reason(self, reason: DlqReason) -> DlqReason:
+        return reason
+
+    def dead_lettered(self, rows: list[Row]) -> None:
+        pass  # counted by reason by the dead-letter writer
+
+
+class OfflineSink:
+    """`/event/track/` uploads of `OfflineBatcher` batches (docs/tiktok-api.md §8.4).
+
+    One event set per batch, so a refusal is always bisected (one bad event fails the whole request); "does not
+    exist" means the event set (`missing_event_set_id`: fix the mappings file, replay); no warm-up.
+    """
+
+    def __init__(self, uploader: EventUploader, *, partner_name: str | None = None) -> None:
+        self.uploader = uploader
+        self.partner_name = partner_name
+
+    def label(self, batch: Any) -> str:
+        return "offline"
+
+    def body(self, batch: Any) -> bytes:
+        return event_track_body(batch.key, [r.event for r in batch.rows], partner_name=self.partner_name)
+
+    def post(self, body: bytes) -> Awaitable[Answer]:
+        return self.uploader.post_event_track(body)
+
+    def audiences(self, batch: Any) -> int:
+        return 1
+
+    def by_audience(self, rows: list[Any]) -> list[list[Any]]:
+        return [rows]
+
+    def recently_created(self, batch: Any) -> bool:
+        return False
+
+    def reason(self, reason: DlqReason) -> DlqReason:
+        return DlqReason.MISSING_EVENT_SET_ID if reason is DlqReason.MISSING_AUDIENCE_ID else reason
+
+    def dead_lettered(self, rows: list[Any]) -> None:
+        counts = collections.Counter(r.event.event for r in rows)
+        for event, n in counts.items():
+            m.OFFLINE_EVENTS.labels(event, "dead_lettered").inc(n)
+
+
+OFFLINE_MAX_ROWS_SCARCE = MAX_EVENTS_PER_REQUEST  # TikTok's ceiling per /event/track/ request
+
+
 class Outcomes(Protocol):
     """What the scheduler reports back: the loop's ledger, metrics and dead-letter writer."""
 
-    def is_live(self, row: Row) -> bool: ...
+    def is_live(self, row: Any) -> bool: ...
 
-    def uploaded(self, rows: list[Row]) -> None: ...
+    def uploaded(self, rows: list[Any]) -> None: ...
 
     def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]: ...
 
@@ -68,8 +209,8 @@ class UploadScheduler:
     def __init__(
         self,
         *,
-        batcher: Batcher,
-        uploader: Uploader,
+        batcher: Buffering,
+        uploader: Uploader | None = None,
         outcomes: Outcomes,
         gate: UploadGate,
         backoff: Backoff,
@@ -77,11 +218,16 @@ class UploadScheduler:
         max_inflight: int,
         max_rows_scarce: int | None = None,
         quota_after_s: float = QUOTA_SUSPECT_S,
-        recently_created: Callable[[Batch], bool],
+        recently_created: Callable[[Batch], bool] | None = None,
+        sink: Sink | None = None,
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        gauges: bool = True,
     ) -> None:
+        if sink is None:  # the audience scheduler, as before sinks existed
+            sink = AudienceSink(cast(Uploader, uploader), recently_created or _never_created)
         self.batcher = batcher
+        self.sink: Sink = sink
         self.uploader = uploader
         self.outcomes = outcomes
         self.gate = gate
@@ -93,17 +239,18 @@ class UploadScheduler:
         self.scarce = False  # requests are the bottleneck: batches grow toward `max_rows_scarce`
         self._token_due: float | None = None  # when to dispatch again because a token will be available
         self._limited_since: float | None = None  # first of an unbroken run of rate-limit answers (app-wide)
-        self._recently_created = recently_created
         self._clock = clock
         self._sleep = sleep
         self._slots = asyncio.Semaphore(max_inflight)
         self._sending = 0  # batches between cut and answer, not sleeping
-        self._backing_off: dict[BatchKey, int] = {}  # batch key → its batches sleeping before a retry
+        self._backing_off: dict[Any, int] = {}  # batch key → its batches sleeping before a retry
         self._tasks = Tasks("upload")
         self._wake = asyncio.Event()
         self.force = 0  # > 0 while a drain or revoke wants everything flushed now
-        m.RATE_LIMIT_QPS.set(bucket.rate)
-        m.BATCH_ROWS_LIMIT.set(batcher.max_rows)
+        self._gauges = gauges  # the QPS and rows-limit gauges are the audience scheduler's (one series each)
+        self._set_qps()
+        if gauges:
+            m.BATCH_ROWS_LIMIT.set(batcher.max_rows)
 
     # -- dispatch -------------------------------------------------------------------------------------------
 
@@ -141,7 +288,7 @@ class UploadScheduler:
         tokens = self.bucket.available()
         free = min(slots, tokens)
         eager = self.scarce  # a request that waited for its turn takes what is there, lingered out or not
-        batches: list[Batch] = []
+        batches: Sequence[BatchLike] = []
         if free > 0:
             cap = self.max_rows_scarce if self.scarce else self.batcher.max_rows
             batches = self.batcher.ready(limit=free, force=force, hold=hold, max_rows=cap, eager=eager)
@@ -153,8 +300,9 @@ class UploadScheduler:
                 self._token_due = self._clock() + self.bucket.next_token_in(after=len(batches))
         for batch in batches:
             granted = self.bucket.acquire() == 0
-            m.BATCHES_SENT.labels(batch.action.value, batch.trigger).inc()
-            m.ROWS_SENT.labels(batch.action.value).inc(len(batch.rows))
+            label = self.sink.label(batch)
+            m.BATCHES_SENT.labels(label, batch.trigger).inc()
+            m.ROWS_SENT.labels(label).inc(len(batch.rows))
             m.BATCH_ROWS.observe(len(batch.rows))
             self._sending += 1
             self.spawn(self._send(batch, counted=True, token=granted))
@@ -162,7 +310,12 @@ class UploadScheduler:
     def _scarce(self, scarce: bool) -> None:
         if scarce != self.scarce:
             self.scarce = scarce
-            m.BATCH_ROWS_LIMIT.set(self.max_rows_scarce if scarce else self.batcher.max_rows)
+            if self._gauges:
+                m.BATCH_ROWS_LIMIT.set(self.max_rows_scarce if scarce else self.batcher.max_rows)
+
+    def _set_qps(self) -> None:
+        if self._gauges:
+            m.RATE_LIMIT_QPS.set(self.bucket.rate)
 
     def spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)
@@ -176,7 +329,7 @@ class UploadScheduler:
 
     # -- one batch to its outcome ---------------------------------------------------------------------------
 
-    async def _send(self, batch: Batch, *, counted: bool = False, token: bool = False) -> None:
+    async def _send(self, batch: Any, *, counted: bool = False, token: bool = False) -> None:
         first_failure: float | None = None
         attempt = 0
         try:
@@ -212,11 +365,11 @@ class UploadScheduler:
                     first_failure = now
                 facts = BatchFacts(
                     rows=len(batch.rows),
-                    audiences=len({r.change.audience_id for r in batch.rows}),
+                    audiences=self.sink.audiences(batch),
                     attempt=attempt + 1,
                     first_failure_at=first_failure if first_failure is not None else now,
                     now=now,
-                    recently_created=self._recently_created(batch),
+                    recently_created=self.sink.recently_created(batch),
                     bisection_left=batch.budget.left if batch.budget is not None else bisection_budget(len(batch.rows)),
                     rate_limited_for_s=now - self._limited_since if self._limited_since is not None else 0.0,
                 )
@@ -230,7 +383,7 @@ class UploadScheduler:
                     await self.gate.wait_turn()
                     continue
                 if isinstance(d, SplitByAudience):
-                    self._resend(batch, _by_audience(batch.rows), new_budget=True)
+                    self._resend(batch, self.sink.by_audience(batch.rows), new_budget=True)
                     return
                 if isinstance(d, Split):
                     half = len(batch.rows) // 2
@@ -247,7 +400,7 @@ class UploadScheduler:
                 attempt += 1
                 if d.rate_limited:
                     self.bucket.throttled()
-                    m.RATE_LIMIT_QPS.set(self.bucket.rate)
+                    self._set_qps()
                 m.RETRIES.labels(_retry_cause(answer)).inc()
                 await self._back_off(batch.key, d.delay_s)
         except asyncio.CancelledError:
@@ -261,13 +414,13 @@ class UploadScheduler:
                 self._sending -= 1
                 self._wake.set()
 
-    def _resend(self, batch: Batch, parts: list[list[Row]], *, new_budget: bool) -> None:
+    def _resend(self, batch: BatchLike, parts: list[list[Any]], *, new_budget: bool) -> None:
         for part in parts:
             if part:
                 budget = SplitBudget(bisection_budget(len(part))) if new_budget else batch.budget
-                self.spawn(self._send(Batch(batch.id, batch.key, part, "split", batch.attempts, budget)))
+                self.spawn(self._send(batch.part(part, budget)))
 
-    async def _back_off(self, key: BatchKey, delay: float) -> None:
+    async def _back_off(self, key: Any, delay: float) -> None:
         """The key holds its buffer meanwhile; consumption goes on until the tracked-records bound pauses it."""
         held = self._backing_off
         held[key] = held.get(key, 0) + 1
@@ -282,14 +435,14 @@ class UploadScheduler:
             m.BATCH_KEYS_BACKING_OFF.set(len(held))
             self._wake.set()
 
-    def _drop_dead_rows(self, batch: Batch) -> None:
+    def _drop_dead_rows(self, batch: BatchLike) -> None:
         is_live = self.outcomes.is_live
         live = [r for r in batch.rows if is_live(r)]
         if len(live) != len(batch.rows):
             self.batcher.release([r for r in batch.rows if not is_live(r)])
             batch.rows = live
 
-    async def _post(self, batch: Batch, *, token: bool = False) -> Answer | None:
+    async def _post(self, batch: BatchLike, *, token: bool = False) -> Answer | None:
         """Send once; None when no row is live at the moment the request would start.
 
         `token`: the dispatcher already took this request's token (first attempts); retries and halves wait.
@@ -297,18 +450,18 @@ class UploadScheduler:
         while not token and (wait := self.bucket.acquire()) > 0:
             m.RATE_LIMIT_WAIT.inc(wait)
             await self._sleep(wait)
-        m.RATE_LIMIT_QPS.set(self.bucket.rate)  # it recovers additively after a rate-limit answer
+        self._set_qps()  # it recovers additively after a rate-limit answer
         async with self._slots:
             # The revocation fence: from this check to the request's start there is no await.
             self._drop_dead_rows(batch)
             if not batch.rows:
                 return None
-            body = mapping_body(batch.advertiser_id, batch.action, batch.id_schema, batch.rows)
+            body = self.sink.body(batch)
             batch.attempts += 1
             m.INFLIGHT.inc()
             t0 = time.perf_counter()
             try:
-                answer = await self.uploader.post_mapping(body)
+                answer = await self.sink.post(body)
             finally:
                 m.INFLIGHT.dec()
         m.UPLOAD_DURATION.labels(answer.status_class).observe(time.perf_counter() - t0)
@@ -321,25 +474,31 @@ class UploadScheduler:
             )
         return answer
 
-    def _uploaded(self, batch: Batch) -> None:
+    def _uploaded(self, batch: BatchLike) -> None:
         self.batcher.release(batch.rows)
         self.outcomes.uploaded(batch.rows)
 
-    async def _dead_letter_rows(self, batch: Batch, d: DeadLetterDecision, answer: Answer) -> None:
+    async def _dead_letter_rows(self, batch: BatchLike, d: DeadLetterDecision, answer: Answer) -> None:
+        d = DeadLetterDecision(self.sink.reason(d.reason), d.note)
         error = _answer_error(d.reason, answer, d.note)
         try:
+            live = [row for row in batch.rows if self.outcomes.is_live(row)]
+            self.sink.dead_lettered(live)
             await asyncio.gather(
                 *[
                     self.outcomes.dead_letter(
                         row.source, DeadLetter(d.reason, error, batch.attempts, answer.code, answer.request_id)
                     )
-                    for row in batch.rows
-                    if self.outcomes.is_live(row)
+                    for row in live
                 ]
             )
         finally:
             self.batcher.release(batch.rows)
             self._wake.set()
+
+
+def _never_created(batch: Batch) -> bool:
+    return False
 
 
 def _by_audience(rows: list[Row]) -> list[list[Row]]:
@@ -368,7 +527,8 @@ def _answer_error(reason: DlqReason, answer: Answer, note: str = "") -> str:
         DlqReason.RETRIES_EXHAUSTED: "retry budget spent without a successful upload",
         DlqReason.MISSING_AUDIENCE_ID: "TikTok says the audience does not exist (deleted, or a wrong id in the "
         "mappings file)",
+        DlqReason.MISSING_EVENT_SET_ID: "TikTok says the event set does not exist (a wrong id in the mappings file)",
     }.get(reason, "upload failed")
-    if note and reason is not DlqReason.MISSING_AUDIENCE_ID:
+    if note and reason not in (DlqReason.MISSING_AUDIENCE_ID, DlqReason.MISSING_EVENT_SET_ID):
         what = f"{what}; {note}"
     return f"{what} ({where}{code}: {answer.message or 'no message'})"

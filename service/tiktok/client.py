@@ -61,6 +61,10 @@ class TikTokClient:
     async def post_mapping(self, body: bytes) -> Answer:
         return await self._call("POST", "/segment/mapping/", data=body)
 
+    async def post_event_track(self, body: bytes) -> Answer:
+        """`POST /event/track/` (offline events, docs/tiktok-api.md §8.4): classified like a mapping upload."""
+        return await self._call("POST", "/event/track/", data=body)
+
     async def post_json(self, path: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
         """A control-plane POST: paced by the control limiter when there is one."""
         if self._control is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from service.commands.doctor import (
+    OFFLINE_UNVERIFIED,
     BrokerView,
     Check,
     Status,
@@ -21,6 +22,7 @@ from service.commands.doctor import (
     check_broker,
     check_create_if_missing,
     check_mappings,
+    check_offline_event_sets,
     check_token,
     check_topics,
     entry_settings,
@@ -578,3 +580,23 @@ def test_entries_in_the_report(doctor_env: DoctorEnv, capsys: pytest.CaptureFixt
     ]
     rc, doc = run(capsys, doctor_env("audiences:\n  vip: {audience_id: abc}\n"))
     assert rc == 1 and doc["entries"] == []  # an invalid file has no settings to show; its check says why
+
+
+def test_offline_event_sets_are_checked_for_format_and_say_they_are_not_verified() -> None:
+    assert check_offline_event_sets(None) == []
+    assert check_offline_event_sets(Mappings({})) == []
+    m = parse_mappings(
+        {"audiences": {}, "offline_events": {"default_event_set_id": "71", "event_sets": {"7654": "72"}}}, "m.yaml"
+    )
+    checks = check_offline_event_sets(m)
+    assert [(c.subject, c.status) for c in checks] == [
+        ("default_event_set_id 71", Status.OK),
+        ("event_sets.7654 72", Status.OK),
+    ]
+    assert all("not verified with TikTok" in c.detail and c.detail == OFFLINE_UNVERIFIED for c in checks)
+    (empty,) = check_offline_event_sets(parse_mappings({"audiences": {}, "offline_events": {}}, "m.yaml"))
+    assert empty.status is Status.WARN and "missing_event_set_id" in empty.detail
+    from service.core.offline import OfflineSettings
+
+    odd = Mappings({}, "m.yaml", OfflineSettings(default_event_set_id="7a"))
+    assert [c.status for c in check_offline_event_sets(odd)] == [Status.FAIL]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from service.core.events import CANONICAL_JSON, decode_event
 from service.core.mappings import Mappings
 from service.core.membership import NOT_AUDIENCE_EVENT, Resolver, ResolverSettings
-from service.core.model import DlqReason, MatchError, Rejected, Skipped
+from service.core.model import AudienceChange, DlqReason, MatchError, Rejected, Skipped
 from service.core.offline import (
     DEFAULT_EVENT_MAP,
     MATCH_KEYS,
@@ -196,11 +196,13 @@ def membership_resolver() -> Resolver:
 
 
 def test_the_membership_path_never_reads_an_offline_json_record() -> None:
+    # Phase 2 (issue 12): the record decodes, and the resolver routes it to the offline parser, never to membership.
     raw = orjson.dumps(fixture("offline_event.json"))
     decoded = decode_event(raw, None, SchemaStore())
-    assert decoded.format != CANONICAL_JSON
+    assert decoded.format == CANONICAL_JSON
     outcome = membership_resolver().process(raw, None).outcome
-    assert isinstance(outcome, Rejected) and outcome.reason is DlqReason.INVALID_PAYLOAD  # never an AudienceChange
+    assert not isinstance(outcome, AudienceChange)
+    assert isinstance(outcome, Rejected) and outcome.reason in (DlqReason.MISSING_EVENT_SET_ID, DlqReason.EVENT_TOO_OLD)
 
 
 def test_the_membership_path_skips_a_segment_order() -> None:
@@ -226,7 +228,8 @@ def test_offline_avro_starts_with_0x01_and_the_membership_path_refuses_it() -> N
     first = load_offline_schema()["fields"][0]
     assert (first["name"], first["type"]) == ("offline_event", "boolean")
     outcome = membership_resolver().process(raw, None).outcome
-    assert isinstance(outcome, Rejected) and outcome.reason is DlqReason.INVALID_PAYLOAD
+    assert not isinstance(outcome, AudienceChange)  # decoded with the offline schema, parsed as an offline event
+    assert isinstance(outcome, Rejected) and outcome.reason in (DlqReason.MISSING_EVENT_SET_ID, DlqReason.EVENT_TOO_OLD)
 
 
 @given(st.text(min_size=1, max_size=300))

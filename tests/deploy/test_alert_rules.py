@@ -40,6 +40,7 @@ RUNBOOK_ANCHORS = {
     "runbook-audience-expiring",
     "runbook-quota",
     "runbook-refresh-overdue",
+    "runbook-offline-errors",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"

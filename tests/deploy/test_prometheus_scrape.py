@@ -281,7 +281,26 @@ def mappings_yaml() -> str:
     lines = ["audiences:"]
     for a in DEFAULT_AUDIENCES:
         lines += [f"  {a.key}:", f'    advertiser_id: "{a.advertiser_id}"', f'    audience_id: "{a.audience_id}"']
+    lines += ["offline_events:", '  default_event_set_id: "7100000000000000001"']  # the offline panels
     return "\n".join(lines) + "\n"
+
+
+def offline_records(wave: int) -> list[tuple[bytes, bytes]]:
+    """Conversions for the offline panels: sent ones (with match keys) and one dead-lettered `invalid_event`."""
+    now_ms = int(time.time() * 1000)
+    records = []
+    for i in range(5):
+        event = {
+            "offline_event": True,
+            "event": "CompletePayment" if i else "NotATikTokEvent",
+            "event_time": now_ms - 60_000,
+            "event_id": f"dash-{wave}-{i}",
+            "email": f"dash-{wave}-{i}@example.com",
+            "currency": "USD",
+            "value": 9.5,
+        }
+        records.append((f"dash-offline-{wave}-{i}".encode(), orjson.dumps(event)))
+    return records
 
 
 WAVES = 2
@@ -304,6 +323,7 @@ def dashboard_wave(wave: int) -> list[tuple[bytes, bytes]]:
         records.append((user.user_id.encode(), orjson.dumps(segment_event(user, audience, entered=entered))))
     page = f"dash-page-{wave}"
     records.append((page.encode(), orjson.dumps({"type": "page", "userId": page, "name": "Home"})))
+    records += offline_records(wave)
     return records
 
 

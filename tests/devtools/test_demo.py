@@ -46,6 +46,8 @@ def test_demo_runs_traffic_end_to_end_and_stops_at_its_duration() -> None:
     consumed, uploaded, dead = seen[-1]
     assert uploaded > 0 and consumed >= uploaded, out
     assert dead == 0, out
+    conversions = [int(n) for n in re.findall(r"conversions sent (\d+)", out)]
+    assert conversions and conversions[-1] > 0, out  # offline conversions flow next to audiences
     assert "stopped cleanly" in out
 
 

@@ -207,6 +207,7 @@ class Rig:
         max_rows: int = 50,
         linger_s: float = 0.005,
         backoff: Backoff | None = None,
+        events: Any = None,
         auto_assign: bool = True,
         wrap_assign: Callable[[Pipeline], Callable[[list[TopicPartition]], Awaitable[list[TopicPartition]]]]
         | None = None,
@@ -238,6 +239,8 @@ class Rig:
             kw["guard"] = guard
         if schema_fetcher is not None:
             kw["schema_fetcher"] = schema_fetcher
+        if events is not None:  # an `/event/track/` stand-in: offline events flow (tests/pipeline/test_offline.py)
+            kw["event_uploader"] = events
         self.pipeline = Pipeline(
             resolver=Resolver(ResolverSettings(), maps or mappings(late=False), SchemaStore()),
             batcher=Batcher(max_rows=max_rows, linger_s=linger_s, clock=self.loop.time),
