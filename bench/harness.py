@@ -23,6 +23,9 @@ scaling, profile; `--only` takes any of these names, `e2e` for the five drains):
                    so Quix commits after the POST. N / (t_done - t_first), t_done = every row posted and the
                    group's committed offsets covering N; its process CPU µs/event over that window; the sandbox's
                    request log must hold exactly N accepted rows. If the install fails the row says so
+  offline          offline conversions (issue 12; bench/workload.py `offline`: half canonical, half Segment
+                   e-commerce) drained by the service at its defaults with a default event set configured:
+                   events/s and the service's CPU µs/event against this row's own floor (the same records)
   floor            in this process, on (up to 200,000 of) the email backlog's own record values: orjson.loads +
                    strip/lower + SHA-256 hex of the email, thread CPU µs/event, best of 3
   budget           the service with TIKTOK_MAX_QPS=10 against a sandbox whose fault plan enforces 10 QPS and 600
@@ -108,6 +111,7 @@ ALL_ROWS = (
     "memory",
     "scaling",
     "profile",
+    "offline",
 )
 EMAIL_USERS = ("quix", "floor", "budget", "profile")  # rows that read the email backlog after the email row
 PROFILE_KINDS = ("email", "mixed")  # email first: the CPU-per-event target is measured on it
@@ -434,6 +438,8 @@ class Bench:
                 snap["superseded"] += procs.total(m, P + "events_superseded_total")
                 snap["dead_lettered"] += procs.total(m, P + "events_dead_lettered_total")
                 snap["skipped"] += procs.total(m, P + "events_skipped_total")
+                # offline conversions acked by TikTok (their dead letters and skips are counted above)
+                snap["uploaded"] += procs.total(m, P + "offline_events_total", outcome="sent")
             now = time.monotonic()
             if snap["consumed"] > 0 or last:
                 last = snap
@@ -713,6 +719,45 @@ class Bench:
         finally:
             c.close()
         return out
+
+    def row_offline(self) -> None:
+        """Offline conversions (issue 12): half canonical, half Segment "Order Completed"-style, email + phone on
+        half; the service at its defaults with an event set configured; against this row's own floor (orjson.loads
+        + SHA-256 of the email of the same records)."""
+        n = self.args.events
+        topic = self.new_topic("offline")
+        produced, secs = self.produce(topic, workload.offline(n), self.timeout(120))
+        self.say(f"offline: produced {produced:,} records in {secs:.1f}s")
+        values = self._read_values(topic, min(n, FLOOR_SAMPLE))
+        floor = min(cpu for cpu, _ in (_floor_pass(values, top_level=True) for _ in range(3))) * 1e6 / len(values)
+        mappings = self.logs / "mappings-offline.yaml"
+        mappings.write_text(workload.offline_mappings())
+        sandbox, url = self.start_sandbox("offline")
+        services: list[Service] = []
+        try:
+            env = self.service_env(topic, f"bench-offline-{uuid.uuid4().hex[:6]}", url, MAPPINGS_FILE=str(mappings))
+            services = [self.start_service(env, "offline")]
+            d = self.drain(services, n, self.timeout(self.args.row_timeout), self.pids(services, sandbox))
+        finally:
+            self.stop_services(services)
+            Children.stop(sandbox, 10)
+            self.delete_topic(topic)
+        row = Row("e2e offline conversions", "", data={"events": n, "floor_us": floor, "drain": d})
+        row.baseline = f"floor {floor:.2f} µs/event (these records)"
+        row.target = "report (issue 12): events/s and CPU per event against the same run's floor"
+        if d["ok"]:
+            cpu_us = _cpu_us(d, n)
+            row.figure = f"{_fmt_rate(d['eps'])} ev/s; service CPU {cpu_us:.1f} µs/event" if cpu_us else ""
+            row.ratio = f"{cpu_us / floor:.1f}x floor" if cpu_us else "n/a"
+            row.cpu = _fmt_cpu(d["cpu"])
+            c = d["counts"]
+            if c["dead_lettered"] or c["skipped"]:
+                self.notes.append(f"offline: {c['dead_lettered']:.0f} dead-lettered, {c['skipped']:.0f} skipped")
+        else:
+            row.figure = d["error"].splitlines()[0][:80]
+            row.result = "error"
+        self.rows.append(row)
+        self.say(f"offline: {row.figure} ({row.ratio})")
 
     def row_budget(self) -> None:
         """The service at TIKTOK_MAX_QPS=10, a sandbox enforcing 10 QPS and 600 QPM, draining the email backlog."""
@@ -1269,6 +1314,8 @@ class Bench:
                     self.row_floor()
                 elif name == "budget":
                     self.row_budget()
+                elif name == "offline":
+                    self.row_offline()
             except (TimeoutError, RuntimeError) as e:
                 self.rows.append(Row(name, f"{e}".splitlines()[0][:100], result="FAIL"))
                 self.say(f"{name}: {e}")
@@ -1294,14 +1341,16 @@ def _cpu_us(d: dict[str, Any], n: int) -> float:
     return float(d["cpu"].get("service", 0.0)) * float(d["seconds"]) * 1e6 / n / 100
 
 
-def _floor_pass(values: list[bytes]) -> tuple[float, float]:
-    """(thread CPU s, wall s) of orjson.loads + strip/lower + SHA-256 hex of the email over every value."""
+def _floor_pass(values: list[bytes], *, top_level: bool = False) -> tuple[float, float]:
+    """(thread CPU s, wall s) of orjson.loads + strip/lower + SHA-256 hex of the email over every value.
+
+    `top_level`: also look at a top-level `email` (canonical offline events carry it there)."""
     loads, sha256 = orjson.loads, hashlib.sha256
     cpu0, wall0 = time.thread_time(), time.perf_counter()
     for v in values:
         ev = loads(v)
-        email = ((ev.get("context") or {}).get("traits") or {}).get("email") or (ev.get("properties") or {}).get(
-            "email"
+        email = (ev.get("email") if top_level else None) or (
+            ((ev.get("context") or {}).get("traits") or {}).get("email") or (ev.get("properties") or {}).get("email")
         )
         if email:
             sha256(email.strip().lower().encode()).hexdigest()

@@ -26,7 +26,14 @@ import fastavro
 import orjson
 
 from service.core.schemas import load_canonical_schema
-from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, SampleAudience, SampleUser, segment_event
+from service.devtools.sample import (
+    ADVERTISER_ID,
+    DEFAULT_AUDIENCES,
+    SampleAudience,
+    SampleUser,
+    offline_event,
+    segment_event,
+)
 
 KINDS = ("email", "phone-national", "phone-e164", "mixed", "avro")
 
@@ -124,6 +131,26 @@ def generate(kind: str, count: int, *, seed: int = 1, users: int | None = None) 
             yield u.user_id.encode(), avro.encode(u, audience, entered, n), None
         else:
             yield u.user_id.encode(), orjson.dumps(segment_event(u, audience, entered)), None
+
+
+def offline(count: int, *, seed: int = 3) -> Iterator[Record]:
+    """`count` offline conversions (service.devtools.sample.offline_event: half canonical, half Segment
+    e-commerce), over `count // 2` users with the mixed workload's identifiers, happened in the last hour."""
+    rng = random.Random(seed)
+    n_users = user_count(count)
+    now = time.time()
+    for n in range(count):
+        u = user(rng.randrange(n_users), "mixed")
+        yield u.user_id.encode(), offline_event(u, rng, n, now=now), None
+
+
+def offline_mappings() -> str:
+    """A mappings file with the workloads' audiences and a default offline event set (so conversions are sent)."""
+    lines = ["audiences:"]
+    for a in DEFAULT_AUDIENCES:
+        lines += [f"  {a.key}:", f'    advertiser_id: "{a.advertiser_id}"', f'    audience_id: "{a.audience_id}"']
+    lines += ["offline_events:", '  default_event_set_id: "7300000000000000001"']
+    return "\n".join(lines) + "\n"
 
 
 def sandbox_audiences() -> list[str]:

@@ -203,3 +203,40 @@ def test_inspect_empty_topic_and_clear_errors(
     assert dlq_inspect.main(["inspect"]) == 2
     err = capsys.readouterr().err
     assert "KAFKA_BOOTSTRAP_SERVERS" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_counts_offline_conversion_letters_without_personal_data(
+    broker: LocalBroker,
+    topics: Topics,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Offline-event letters (issue 12) are counted by their reasons and advertiser, never printing a match key."""
+    from service.devtools.sample import offline_event
+
+    rng = random.Random(3)
+    users = [u for u in make_users(40, random.Random(5)) if u.email][:4]
+    reasons = [DlqReason.MISSING_EVENT_SET_ID, DlqReason.MISSING_EVENT_SET_ID, DlqReason.EVENT_TOO_OLD]
+    recs = [
+        letter(topics, offline_event(u, rng, i), reason=reason, key=u.user_id.encode(), offset=i, failed_at=H1)
+        for i, (u, reason) in enumerate(zip(users, reasons, strict=False))
+    ]
+    recs.append(letter(topics, b'{"offline_event": true, "event": "Nope"}', reason=DlqReason.INVALID_EVENT,
+                       key=b"bad", offset=9, failed_at=H2))  # fmt: skip
+    produce_letters(broker, topics.dlq, recs)
+    operator_env(monkeypatch, broker, topics)
+    rc, out = run_inspect(capsys, "--json", "--idle-timeout", "20")
+    assert rc == 0
+    doc = orjson.loads(out)
+    assert doc["total"] == 4
+    assert doc["by_reason"] == {"missing_event_set_id": 2, "event_too_old": 1, "invalid_event": 1}
+    assert doc["by_hour"] == {"2024-05-01T09:00Z": 3, "2024-05-01T11:00Z": 1}
+    assert doc["by_advertiser"] == {ADVERTISER_ID: 3, "unknown": 1}, "the advertiser an offline event names"
+    assert doc["by_audience_key"] == {"unknown": 4}, "offline events have no audience key"
+    rc, text = run_inspect(capsys)
+    assert rc == 0 and "missing_event_set_id" in text
+    for u in users:
+        for raw in (u.email, u.phone, u.user_id):
+            if raw:
+                assert raw not in out and raw not in text, "no match key in the output"
+    assert "203.0.113.7" not in out + text, "no IP address in the output"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import orjson
 from service.core.answers import Answer, Verdict, classify
 from service.core.mappings import AudienceMapping, Mappings
 from service.core.model import DlqReason
+from service.core.offline import OfflineSettings
 from service.core.types import TopicPartition
 from service.kafka.memory import InMemoryBroker
 from service.kafka.producer import DeliveryError
@@ -33,6 +35,7 @@ MADE = ("made", ADV_A, "301")
 KEYS = [*MAPPED, LATE[0], MADE[0]]
 MODES = ["ok", "5xx", "rate", "auth", "html", "timeout", "deleted_102", "refuse_user", "too_many", "permission_b"]
 MAX_PENDING, CONSUME_BATCH = 30, 8
+EVENT_SET = "7300000000000000001"  # the offline event set of the mappings
 
 
 def email(user: str) -> str:
@@ -67,12 +70,27 @@ def event(user: str, key: str, entered: bool, seq: int) -> bytes:
     )
 
 
+def offline_event(user: str, seq: int) -> bytes:
+    """A canonical offline conversion of `user` (message id `o<seq>`), happened now (wall clock: the 28-day rule)."""
+    return orjson.dumps(
+        {
+            "offline_event": True,
+            "event": "CompletePayment",
+            "event_time": int(time.time() * 1000),
+            "message_id": f"o{seq}",
+            "email": email(user),
+            "currency": "USD",
+            "value": 9.5,
+        }
+    )
+
+
 def mappings(*, late: bool) -> Mappings:
     entries = {k: AudienceMapping(k, adv, aud) for k, (adv, aud) in MAPPED.items()}
     entries[MADE[0]] = AudienceMapping(MADE[0], MADE[1], None, "made audience", True)
     if late:
         entries[LATE[0]] = AudienceMapping(LATE[0], LATE[1], LATE[2])
-    return Mappings(entries)
+    return Mappings(entries, offline=OfflineSettings(default_event_set_id=EVENT_SET))
 
 
 class TikTok:
@@ -88,6 +106,29 @@ class TikTok:
         self.fenced: set[TopicPartition] = set()
         self.history: list[str] = []
         self.current: Any = None
+        self.conversions: dict[str, int] = {}  # event_id → times accepted (TikTok de-duplicates them)
+
+    async def post_event_track(self, body: bytes) -> Answer:
+        """`/event/track/`: the same fence and answer modes as mappings (a refused user fails the request)."""
+        self.requests += 1
+        doc = orjson.loads(body)
+        users = [HASH_USER[e["user"]["email"][0]] for e in doc["data"]]
+        for user in users:
+            tp = TopicPartition(SRC, partition_of(user))
+            if tp in self.fenced:
+                self.fence_violations.append(f"event/track with a user of revoked {tp}; history {self.history[-8:]}")
+        mode = self.mode
+        if mode == "refuse_user" and BAD_USER in users:
+            answer = Answer(classify(200, 40002), 200, 40002, "invalid")
+        elif mode in ("5xx", "rate", "auth", "html", "timeout"):
+            answer = self._answer({}, [])
+        else:
+            answer = Answer(Verdict.SUCCESS, 200, 0, "OK", "req")
+        await asyncio.sleep(0)
+        if answer.verdict is Verdict.SUCCESS:
+            for e in doc["data"]:
+                self.conversions[e["event_id"]] = self.conversions.get(e["event_id"], 0) + 1
+        return answer
 
     async def post_mapping(self, body: bytes) -> Answer:
         self.requests += 1

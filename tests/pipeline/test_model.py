@@ -31,6 +31,7 @@ from service.core.batcher import Batcher
 from service.core.dead_letters import header_value
 from service.core.dlq_guard import DlqGuard
 from service.core.membership import Resolver, ResolverSettings
+from service.core.offline import derive_event_id
 from service.core.retry import Backoff
 from service.core.schemas import SchemaStore
 from service.core.types import TopicPartition
@@ -55,6 +56,7 @@ from tests.pipeline.harness import (
     email_hash,
     event,
     mappings,
+    offline_event,
     partition_of,
 )
 
@@ -73,6 +75,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.late_mapped = False
         self.seq = 0
         self.events: dict[tuple[int, int], tuple[str, str, bool]] = {}  # (partition, offset) → user, key, entered
+        self.conversions: dict[tuple[int, int], str] = {}  # (partition, offset) → the offline event's event_id
         self.max_tracked = 0
         self.pipeline: Pipeline | None = None
         self.consumer: InMemoryConsumer | None = None
@@ -90,6 +93,7 @@ class PipelineMachine(RuleBasedStateMachine):
                 resolver=resolver,
                 batcher=Batcher(max_rows=4, linger_s=0.002, clock=self.loop.time),
                 uploader=self.tiktok,
+                event_uploader=self.tiktok,  # offline conversions: the second stream on the same ledger
                 dlq=self.dlq,
                 dlq_topic=DLQ,
                 backoff=Backoff(0.001, 0.004, 0.25, random.Random(7)),
@@ -171,6 +175,14 @@ class PipelineMachine(RuleBasedStateMachine):
             value = event(user, key, entered if i % 2 == 0 else not entered, self.seq)
             ref = self.broker.produce(SRC, value, user.encode(), partition=partition_of(user))
             self.events[(ref.partition, ref.offset)] = (user, key, entered if i % 2 == 0 else not entered)
+        self._run(0.004)
+
+    @rule(user=st.sampled_from(USERS))
+    def produce_offline(self, user: str) -> None:
+        """An offline conversion on the same topic: it shares the ledger, the fence and the gate with audiences."""
+        self.seq += 1
+        ref = self.broker.produce(SRC, offline_event(user, self.seq), user.encode(), partition=partition_of(user))
+        self.conversions[(ref.partition, ref.offset)] = derive_event_id("CompletePayment", f"o{self.seq}")
         self._run(0.004)
 
     @rule(mode=st.sampled_from(MODES))
@@ -306,6 +318,9 @@ class PipelineMachine(RuleBasedStateMachine):
         newest: dict[tuple[str, str], tuple[tuple[int, int], bool]] = {}
         for (part, off), (user, key, entered) in sorted(self.events.items()):
             newest[(key, user)] = ((part, off), entered)  # one user's records share a partition: offset order
+        for where, event_id in self.conversions.items():
+            if where not in lettered:
+                assert event_id in self.tiktok.conversions, f"offline event at {where} never reached TikTok"
         audience_of = {**{k: aud for k, (_, aud) in MAPPED.items()}, LATE[0]: LATE[2], MADE[0]: MADE[2]}
         for (key, user), (where, entered) in newest.items():
             if where in lettered:
