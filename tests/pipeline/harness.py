@@ -85,12 +85,13 @@ def offline_event(user: str, seq: int) -> bytes:
     )
 
 
-def mappings(*, late: bool) -> Mappings:
+def mappings(*, late: bool, offline: bool = False) -> Mappings:
+    """The audience keys of the harness; `offline` adds the default offline event set."""
     entries = {k: AudienceMapping(k, adv, aud) for k, (adv, aud) in MAPPED.items()}
     entries[MADE[0]] = AudienceMapping(MADE[0], MADE[1], None, "made audience", True)
     if late:
         entries[LATE[0]] = AudienceMapping(LATE[0], LATE[1], LATE[2])
-    return Mappings(entries, offline=OfflineSettings(default_event_set_id=EVENT_SET))
+    return Mappings(entries, offline=OfflineSettings(default_event_set_id=EVENT_SET) if offline else None)
 
 
 class TikTok:

@@ -88,7 +88,7 @@ class PipelineMachine(RuleBasedStateMachine):
 
     def _start(self) -> None:
         async def start() -> None:
-            resolver = Resolver(ResolverSettings(), mappings(late=self.late_mapped), SchemaStore())
+            resolver = Resolver(ResolverSettings(), mappings(late=self.late_mapped, offline=True), SchemaStore())
             p = Pipeline(
                 resolver=resolver,
                 batcher=Batcher(max_rows=4, linger_s=0.002, clock=self.loop.time),
@@ -225,7 +225,7 @@ class PipelineMachine(RuleBasedStateMachine):
     def mapping_reload_adds_late(self) -> None:
         assert self.pipeline is not None
         self.late_mapped = True
-        self._in_loop(self.pipeline.set_mappings, mappings(late=True))
+        self._in_loop(self.pipeline.set_mappings, mappings(late=True, offline=True))
         self._run(0.005)
 
     @rule(down=st.booleans())
@@ -277,7 +277,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.creator.finish(True)
         if not self.late_mapped:
             self.late_mapped = True
-            self._in_loop(self.pipeline.set_mappings, mappings(late=True))
+            self._in_loop(self.pipeline.set_mappings, mappings(late=True, offline=True))
         self.broker.rebalance(self.consumer, assign=self.broker.partitions(SRC))
         ends = {tp: self.broker.end_offset(tp) for tp in self.broker.partitions(SRC)}
         p = self.pipeline
