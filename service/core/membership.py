@@ -356,15 +356,10 @@ class Resolver:
                     elif self._idfa:
                         idfa = ad_id
         mapping = self.mappings.get(audience_key) if audience_key is not None else None
-        region = self._region
-        if mapping is not None and mapping.restricts:
-            skip = _entry_skip(mapping)
-            if skip is not None:
-                return skip, ()
-            region = mapping.effective_phone_region(region)
-        identifiers, errors = self._hash(email, phone, idfa, aaid, region)
-        if mapping is not None and mapping.id_types is not None:
-            identifiers = _contract(identifiers, mapping.id_types)
+        hashed = self._entry_identifiers(mapping, email, phone, idfa, aaid)
+        if isinstance(hashed, Skipped):
+            return hashed, ()
+        identifiers, errors = hashed
         if not identifiers:
             return self._no_identifiers(self._segment_fields, errors, mapping), errors
 
@@ -415,21 +410,16 @@ class Resolver:
             return explicit_adv, ()
 
         mapping = self.mappings.get(audience_key)
-        region = self._region
-        if mapping is not None and mapping.restricts:
-            skip = _entry_skip(mapping)
-            if skip is not None:
-                return skip, ()
-            region = mapping.effective_phone_region(region)
-        identifiers, errors = self._hash(
+        hashed = self._entry_identifiers(
+            mapping,
             ev.get("email") if self._email else None,
             ev.get("phone") if self._phone else None,
             ev.get("idfa") if self._idfa else None,
             ev.get("aaid") if self._aaid else None,
-            region,
         )
-        if mapping is not None and mapping.id_types is not None:
-            identifiers = _contract(identifiers, mapping.id_types)
+        if isinstance(hashed, Skipped):
+            return hashed, ()
+        identifiers, errors = hashed
         if not identifiers:
             return self._no_identifiers(self._canonical_fields, errors, mapping), errors
 
@@ -461,6 +451,21 @@ class Resolver:
         return change, errors
 
     # -- shared ----------------------------------------------------------------------------------------------
+
+    def _entry_identifiers(
+        self, mapping: AudienceMapping | None, email: object, phone: object, idfa: object, aaid: object
+    ) -> Skipped | tuple[tuple[tuple[IdType, str], ...], tuple[MatchError, ...]]:
+        """The hashed identifiers the mappings entry sends (`id_types`, `phone_region`), or why it takes none."""
+        region = self._region
+        if mapping is not None and mapping.restricts:
+            skip = _entry_skip(mapping)
+            if skip is not None:
+                return skip
+            region = mapping.effective_phone_region(region)
+        identifiers, errors = self._hash(email, phone, idfa, aaid, region)
+        if mapping is not None and mapping.id_types is not None:
+            identifiers = _contract(identifiers, mapping.id_types)
+        return identifiers, errors
 
     def _hash(
         self, email: object, phone: object, idfa: object, aaid: object, region: str
