@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(2_000_000, ge=1024)
     batch_linger_ms: int = Field(1000, ge=0)
     max_inflight_requests: int = Field(4, ge=1, le=256)
+    # File audiences (mode: file): seconds between uploads and users per upload, unless the entry says otherwise.
+    file_interval_s: float = Field(300.0, ge=1, le=7 * 86400)
+    file_max_rows: int = Field(100_000, ge=1, le=1_000_000)
     max_pending_events: int = Field(50_000, ge=100)
     drain_timeout_s: float = Field(20.0, gt=0)
     revoke_timeout_s: float = Field(10.0, gt=0, le=25)  # the consumer bridge waits 30 s for the revoke hook

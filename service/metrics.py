@@ -50,6 +50,36 @@ OFFLINE_MATCH_KEYS = Counter(
     ["key"],
     registry=REGISTRY,
 )
+FILE_UPLOADS = Counter(
+    P + "file_uploads_total",
+    "Identifier files sent to dmp/custom_audience/file/upload/ for file audiences, by outcome (uploaded, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+FILE_ROWS = Histogram(
+    P + "file_rows",
+    "Identifiers per uploaded file (file audiences).",
+    buckets=(1, 10, 100, 1000, 10_000, 100_000, 1_000_000),
+    registry=REGISTRY,
+)
+FILE_UPDATES = Counter(
+    P + "file_updates_total",
+    "File-audience changes applied at TikTok, by action (APPEND, REMOVE, CREATE) and outcome (accepted, refused, "
+    "retried).",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)
+FILE_PENDING_USERS = Gauge(
+    P + "file_pending_users",
+    "Users netted for file audiences and waiting for the next upload.",
+    registry=REGISTRY,
+)
+FILE_WAITING_AUDIENCES = Gauge(
+    P + "file_audiences_waiting_for_users",
+    "File audiences to be created on demand that hold fewer than 1,000 users to add (TikTok's minimum): their "
+    "records wait, uncommitted.",
+    registry=REGISTRY,
+)
 EVENTS_SUPERSEDED = Counter(
     P + "events_superseded_total",
     "Events replaced by a newer event for the same user and audience before upload.",

@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 
 from service.config import ConfigError, Settings, TokenSource, load_settings, producer_config
 from service.core.answers import Verdict
+from service.core.file_batcher import FILE_INTERVAL_S, FILE_MAX_ROWS
 from service.core.mappings import AudienceMapping, Mappings, MappingsError, load_mappings
 from service.core.model import ID_TYPES
 from service.tiktok.audiences_api import (
@@ -126,9 +127,18 @@ def make_plan(mappings: Mappings | None, default_advertiser: str | None) -> Plan
 _SHORT = {"EMAIL_SHA256": "email", "PHONE_SHA256": "phone", "IDFA_SHA256": "idfa", "AAID_SHA256": "aaid"}
 
 
-def entry_settings(entry: AudienceMapping, default_advertiser: str | None, default_region: str) -> dict[str, Any]:
-    """What an entry means once every default is applied (no identifier, nothing secret: safe to print)."""
+def entry_settings(
+    entry: AudienceMapping,
+    default_advertiser: str | None,
+    default_region: str,
+    file_defaults: tuple[float, int] = (FILE_INTERVAL_S, FILE_MAX_ROWS),
+) -> dict[str, Any]:
+    """What an entry means once every default is applied (no identifier, nothing secret: safe to print).
+
+    `file_defaults`: FILE_INTERVAL_S and FILE_MAX_ROWS, the cadence of a file entry that sets none of its own.
+    """
     types = entry.effective_id_types
+    file = entry.mode == "file"
     return {
         "audience_key": entry.audience_key,
         "mode": entry.mode,
@@ -148,15 +158,23 @@ def entry_settings(entry: AudienceMapping, default_advertiser: str | None, defau
         "phone_region_source": ("entry" if entry.phone_region else "PHONE_DEFAULT_REGION")
         if "PHONE_SHA256" in types
         else None,
-        "file_interval_s": entry.file_interval_s,
-        "file_max_rows": entry.file_max_rows,
+        "file_interval_s": (entry.file_interval_s or file_defaults[0]) if file else None,
+        "file_max_rows": (entry.file_max_rows or file_defaults[1]) if file else None,
+        "file_cadence_source": (
+            "entry" if entry.file_interval_s or entry.file_max_rows else "FILE_INTERVAL_S/FILE_MAX_ROWS"
+        )
+        if file
+        else None,
     }
 
 
 def all_entry_settings(
-    mappings: Mappings | None, default_advertiser: str | None, default_region: str
+    mappings: Mappings | None,
+    default_advertiser: str | None,
+    default_region: str,
+    file_defaults: tuple[float, int] = (FILE_INTERVAL_S, FILE_MAX_ROWS),
 ) -> list[dict[str, Any]]:
-    return [entry_settings(e, default_advertiser, default_region) for e in mappings or ()]
+    return [entry_settings(e, default_advertiser, default_region, file_defaults) for e in mappings or ()]
 
 
 def _entry_row(doc: Mapping[str, Any]) -> list[str]:
@@ -416,7 +434,11 @@ def check_create_if_missing(
     stored = name if entry.is_file else truncate_name(name)  # customer-file names are kept whole (<= 128)
     same = [a.audience_id for a in existing if a.name == stored]
     if not same:
-        when = "by the first `audience-sync refresh` or file upload" if entry.is_file else "on first event"
+        when = (
+            "by the first `audience-sync refresh`, or by its events once 1,000 users are to be added"
+            if entry.is_file
+            else "on first event"
+        )
         return Check(
             "audience",
             subject,
@@ -638,7 +660,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     checks = asyncio.run(diagnose(settings, env, Path(raw_path) if raw_path else None, args.timeout))
-    entries = all_entry_settings(_loaded(raw_path), settings.default_advertiser_id, settings.phone_default_region)
+    entries = all_entry_settings(
+        _loaded(raw_path),
+        settings.default_advertiser_id,
+        settings.phone_default_region,
+        (settings.file_interval_s, settings.file_max_rows),
+    )
     if args.json:
         out = render_json(checks, entries)
     else:

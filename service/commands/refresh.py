@@ -76,10 +76,15 @@ from service.kafka.dlq_reader import (
 )
 from service.tiktok.audiences_api import AudiencesApi, TikTokApiError
 from service.tiktok.client import TikTokClient
-from service.tiktok.customer_files_api import FILE_PATHS_MAX, CustomerFilesApi, FileAudience
+from service.tiktok.customer_files_api import (
+    FILE_GONE,
+    FILE_PATHS_MAX,
+    CustomerFilesApi,
+    FileAudience,
+    find_file_audience,
+)
 
 PROG = "audience-sync refresh"
-FILE_GONE: Final = frozenset({40905, 40910})  # FILE_NOT_EXIST, FILE_EXPIRED: upload the files again
 STREAM_REFUSAL: Final = (
     "audiences.{key} is mode: stream, a TikTok Segment (Partner) audience fed through segment/mapping, and TikTok "
     "has no REPLACE for those: refresh only replaces customer-file audiences (mode: file). To remove users who left "
@@ -456,13 +461,11 @@ class Applier:
             await asyncio.to_thread(store.close)
 
     async def _existing(self, advertiser: str, name: str, contract: FileContract) -> str | None:
-        listed = await _retrying(lambda: self.audiences_api.list_audiences(advertiser), self.backoff, "listing")
-        same = [a.audience_id for a in listed if a.name == name]
-        if not same:
-            return None
-        details = await _retrying(lambda: self.files_api.get(advertiser, same), self.backoff, "reading audiences")
-        usable = [a.audience_id for a in details if a.is_customer_file and a.calculate_type == contract]
-        return usable[0] if usable else None
+        return await _retrying(
+            lambda: find_file_audience(self.files_api, self.audiences_api, advertiser, name, contract),
+            self.backoff,
+            "looking for an existing audience",
+        )
 
 
 async def apply(

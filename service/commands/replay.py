@@ -53,6 +53,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka import TopicPartition as KTP
 
 from service.config import ConfigError, Settings, producer_config
+from service.core.file_batcher import FileChange
 from service.core.mappings import Mappings
 from service.core.membership import Resolver
 from service.core.model import AudienceChange, AudienceNeeded, Skipped
@@ -438,6 +439,8 @@ def _would(resolver: Resolver, value: bytes | None, headers: Headers | None) -> 
         return "sync after creating its audience"
     if isinstance(outcome, OfflineEvent):
         return "send (offline event)"
+    if isinstance(outcome, FileChange):
+        return "sync (file audience, at its next upload)"
     return f"fail again ({outcome.reason.value})"
 
 

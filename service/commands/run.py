@@ -21,6 +21,7 @@ from service import metrics as m
 from service.config import ConfigError, Settings, TokenSource, client_config, consumer_config, mask, producer_config
 from service.core.batcher import Batcher
 from service.core.dlq_guard import DlqGuard
+from service.core.file_batcher import FileBatcher
 from service.core.mappings import Mappings, MappingsError, load_mappings
 from service.core.membership import Resolver, ResolverSettings
 from service.core.offline import MAX_EVENTS_PER_REQUEST
@@ -38,6 +39,7 @@ from service.pipeline.loop import IntakeHook, Pipeline, PipelineOptions
 from service.pipeline.mappings_watch import MappingsWatcher
 from service.tiktok.audiences_api import AudiencesApi
 from service.tiktok.client import ControlLimiter, TikTokClient
+from service.tiktok.customer_files_api import CustomerFilesApi
 
 log = logging.getLogger("service")
 
@@ -119,6 +121,10 @@ def build_pipeline(
             max_bytes=settings.batch_max_bytes,
             linger_s=settings.batch_linger_ms / 1000,
             clock=time.monotonic,
+        ),
+        files_api=CustomerFilesApi(tiktok),
+        file_batcher=FileBatcher(
+            interval_s=settings.file_interval_s, max_rows=settings.file_max_rows, clock=time.monotonic
         ),
         dlq=dlq,
         dlq_topic=dlq_topic,

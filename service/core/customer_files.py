@@ -299,10 +299,16 @@ class NetChanges(Generic[H]):
         self._types: dict[IdType, FileContract] = {ID_TYPE_FOR_CONTRACT[c]: c for c in chosen}
         self._entries: dict[_Key, tuple[FileAction, list[int]]] = {}
         self._handles: list[H] = []
+        self._appends = 0  # pending keys whose action is APPEND
 
     @property
     def pending_users(self) -> int:
         return len(self._entries)
+
+    @property
+    def pending_appends(self) -> int:
+        """Pending users whose last action is APPEND (what a create-on-demand would hold)."""
+        return self._appends
 
     @property
     def pending_records(self) -> int:
@@ -329,9 +335,15 @@ class NetChanges(Generic[H]):
         index = len(self._handles)
         self._handles.append(handle)
         file_action = _FILE_ACTION[action]
+        appending = file_action is FileAction.APPEND
         for key in keys:
             entry = self._entries.get(key)
-            covered = entry[1] if entry is not None else []
+            if entry is None:
+                covered: list[int] = []
+                self._appends += appending
+            else:
+                covered = entry[1]
+                self._appends += appending - (entry[0] is FileAction.APPEND)
             if not covered or covered[-1] != index:
                 covered.append(index)
             self._entries[key] = (file_action, covered)
@@ -357,6 +369,7 @@ class NetChanges(Generic[H]):
         )
         self._entries = {}
         self._handles = []
+        self._appends = 0
         return batch
 
 

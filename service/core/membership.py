@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
 from service.core.events import SEGMENT, Undecodable, decode_event
+from service.core.file_batcher import FileChange
 from service.core.identifiers import hash_ad_id, hash_email, hash_phone, is_supported_region
 from service.core.mappings import AudienceMapping, Mappings
 from service.core.model import (
@@ -81,7 +82,7 @@ class ResolverSettings:
 class Processed(NamedTuple):
     """What the pipeline needs per record: the outcome, match errors to count, and the format for metrics."""
 
-    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded | OfflineEvent
+    outcome: AudienceChange | Skipped | Rejected | AudienceNeeded | OfflineEvent | FileChange
     match_errors: tuple[MatchError, ...]
     event_format: str  # "segment" | "canonical_json" | "canonical_avro" | "confluent_avro" | "unknown"
 
@@ -267,7 +268,7 @@ class Resolver:
 
     def _segment(
         self, ev: dict[str, Any]
-    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded | FileChange, tuple[MatchError, ...]]:
         etype = ev.get("type")
         if etype == "track":
             bag_name = "properties"
@@ -324,11 +325,13 @@ class Resolver:
         if isinstance(explicit_adv, Rejected):
             return explicit_adv, ()
         settings = personas.get("audience_settings")
-        personas_adv = (
-            self._id(settings.get("advertiserId"), "context.personas.audience_settings", ".advertiserId")
-            if type(settings) is dict
-            else None
-        )
+        personas_adv = None
+        segment_type: IdType | None = None
+        if type(settings) is dict:
+            personas_adv = self._id(settings.get("advertiserId"), "context.personas.audience_settings", ".advertiserId")
+            id_type = settings.get("idType")
+            if id_type is not None:
+                segment_type = _SEGMENT_ID_TYPES.get(id_type) if type(id_type) is str else None
         if isinstance(personas_adv, Rejected):
             return personas_adv, ()
 
@@ -360,6 +363,15 @@ class Resolver:
         if isinstance(hashed, Skipped):
             return hashed, ()
         identifiers, errors = hashed
+        if segment_type is not None and (mapping is None or mapping.id_types is None):
+            # Segment's audience "ID Type" (audience_settings.idType); the mappings entry's id_types wins.
+            identifiers = _contract(identifiers, (segment_type,))
+            if not identifiers:
+                return self._no_identifiers(
+                    self._segment_fields + f"; context.personas.audience_settings.idType sends only {segment_type}",
+                    errors,
+                    mapping,
+                ), errors
         if not identifiers:
             return self._no_identifiers(self._segment_fields, errors, mapping), errors
 
@@ -379,14 +391,16 @@ class Resolver:
                         f"{bag_name}.advertiser_id (absent), context.personas.audience_settings.advertiserId (absent)"
                     )
                     return self._missing_advertiser(audience_key, looked, mapping is not None), errors
+        event_time = _iso_ms(ev.get("timestamp"))
+        if event_time is None:
+            event_time = _iso_ms(ev.get("originalTimestamp"))
+        if mapping is not None and mapping.mode == "file":
+            return self._file_change(mapping, advertiser_id, audience_id, action, identifiers, event_time), errors
         if audience_id is None:
             created = self._created_audience(mapping, audience_key, advertiser_id)
             if not isinstance(created, str):
                 return created, errors
             audience_id = created
-        event_time = _iso_ms(ev.get("timestamp"))
-        if event_time is None:
-            event_time = _iso_ms(ev.get("originalTimestamp"))
         change = AudienceChange(advertiser_id, audience_id, action, identifiers, audience_key, event_time)
         return change, errors
 
@@ -394,7 +408,7 @@ class Resolver:
 
     def _canonical(
         self, ev: dict[str, Any]
-    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded, tuple[MatchError, ...]]:
+    ) -> tuple[AudienceChange | Skipped | Rejected | AudienceNeeded | FileChange, tuple[MatchError, ...]]:
         audience_key = ev.get("audience_key")
         if type(audience_key) is not str or not audience_key:
             return Rejected(_INVALID, 'canonical event: "audience_key" must be a non-empty string'), ()
@@ -435,19 +449,15 @@ class Resolver:
                 advertiser_id = self._default_advertiser
                 if advertiser_id is None:
                     return self._missing_advertiser(audience_key, "advertiser_id (absent)", mapping is not None), errors
+        event_time = _canonical_time(ev.get("event_time"))
+        if mapping is not None and mapping.mode == "file":
+            return self._file_change(mapping, advertiser_id, audience_id, action, identifiers, event_time), errors
         if audience_id is None:
             created = self._created_audience(mapping, audience_key, advertiser_id)
             if not isinstance(created, str):
                 return created, errors
             audience_id = created
-        change = AudienceChange(
-            advertiser_id,
-            audience_id,
-            action,
-            identifiers,
-            audience_key,
-            _canonical_time(ev.get("event_time")),
-        )
+        change = AudienceChange(advertiser_id, audience_id, action, identifiers, audience_key, event_time)
         return change, errors
 
     # -- shared ----------------------------------------------------------------------------------------------
@@ -539,6 +549,38 @@ class Resolver:
             return "no MAPPINGS_FILE configured"
         return f"no entry in {self.mappings.source}"
 
+    def _file_change(
+        self,
+        mapping: AudienceMapping,
+        advertiser_id: str,
+        audience_id: str | None,
+        action: Action,
+        identifiers: tuple[tuple[IdType, str], ...],
+        event_time: int | None,
+    ) -> FileChange:
+        """A `mode: file` entry's record: netted and uploaded as files (service/core/file_batcher.py), not streamed.
+
+        Without an audience id, the audience created on demand is named `audience_name` (the key by default);
+        its id, once recorded, is found as for streaming audiences.
+        """
+        contract = mapping.contract
+        assert contract is not None  # parse_mappings: a file entry names exactly one id type
+        name = mapping.effective_audience_name
+        if audience_id is None and name is not None:
+            audience_id = self.created_audiences.get((advertiser_id, name))
+        return FileChange(
+            advertiser_id,
+            mapping.audience_key,
+            audience_id,
+            name,
+            contract,
+            action,
+            identifiers,
+            event_time,
+            mapping.file_interval_s,
+            mapping.file_max_rows,
+        )
+
     def _created_audience(
         self, mapping: AudienceMapping | None, audience_key: str | None, advertiser_id: str
     ) -> str | AudienceNeeded:
@@ -592,22 +634,23 @@ class Resolver:
 
 
 DISABLED_AUDIENCE: Final = Skipped("audience_disabled")
-FILE_AUDIENCE: Final = Skipped("file_audience")
+
+# Segment's TikTok Audiences "ID Type" audience setting → the identifier type it sends (GAID is TikTok's AAID);
+# any other value is ignored rather than guessed at.
+_SEGMENT_ID_TYPES: Final[Mapping[str, IdType]] = {
+    "EMAIL_SHA256": "EMAIL_SHA256",
+    "PHONE_SHA256": "PHONE_SHA256",
+    "IDFA_SHA256": "IDFA_SHA256",
+    "AAID_SHA256": "AAID_SHA256",
+    "GAID_SHA256": "AAID_SHA256",
+}
 
 
 def _entry_skip(mapping: AudienceMapping) -> Skipped | None:
-    """A mappings entry that takes no streamed records.
-
-    `enabled: false` pauses the entry by skipping its records (counted as `audience_disabled`; they are not
-    replayable: re-enable, and a `refresh` or the next events bring the audience up to date). A `mode: file`
-    entry is fed by `audience-sync refresh` (customer-file REPLACE); streaming its events into files is not built
-    yet, so its records are skipped (`file_audience`) rather than sent to the wrong kind of audience.
-    """
-    if not mapping.enabled:
-        return DISABLED_AUDIENCE
-    if mapping.is_file:
-        return FILE_AUDIENCE
-    return None
+    """A mappings entry that takes no records: `enabled: false` pauses the entry by skipping its records (counted
+    as `audience_disabled`; they are not replayable: re-enable, and a `refresh` or the next events bring the
+    audience up to date)."""
+    return None if mapping.enabled else DISABLED_AUDIENCE
 
 
 def _contract(

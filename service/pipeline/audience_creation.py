@@ -7,8 +7,9 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -31,6 +32,8 @@ class CreationFailed:
     code: int | None = None
     request_id: str | None = None
 
+
+Make = Callable[[], Awaitable[str]]  # creates the audience at TikTok, returns its id
 
 _FINAL = {Verdict.PERMISSION: DlqReason.TIKTOK_PERMISSION, Verdict.REJECTED: DlqReason.TIKTOK_REJECTED}
 
@@ -75,20 +78,24 @@ class AudienceCreator:
         self._clock = clock
         self._running: dict[AudienceRef, asyncio.Task[str | CreationFailed]] = {}
 
-    async def ensure(self, ref: AudienceRef) -> str | CreationFailed:
-        """The audience id for (advertiser, name), creating it if nobody has; one task per ref per process."""
+    async def ensure(self, ref: AudienceRef, make: Make | None = None) -> str | CreationFailed:
+        """The audience id for (advertiser, name), creating it if nobody has; one task per ref per process.
+
+        `make` creates it at TikTok when this replica holds the claim (default: a Partner audience through
+        `segment/audience`; file audiences pass a customer-file create from their first files).
+        """
         task = self._running.get(ref)
         if task is None:
-            task = self._running[ref] = asyncio.ensure_future(self._ensure(ref))
+            task = self._running[ref] = asyncio.ensure_future(self._ensure(ref, make or partial(self._create, ref)))
             task.add_done_callback(lambda _t: self._running.pop(ref, None))
         return await asyncio.shield(task)
 
-    async def _ensure(self, ref: AudienceRef) -> str | CreationFailed:
+    async def _ensure(self, ref: AudienceRef, make: Make) -> str | CreationFailed:
         first_failure: float | None = None
         attempt = 0
         while True:
             try:
-                found = await self._attempt(ref)
+                found = await self._attempt(ref, make)
             except TikTokApiError as exc:
                 verdict = exc.verdict
                 if verdict in _FINAL:
@@ -117,7 +124,7 @@ class AudienceCreator:
             log.warning("audience creation for %r will retry in %.1fs: %s", ref[1], delay, error)
             await asyncio.sleep(delay)
 
-    async def _attempt(self, ref: AudienceRef) -> str | None:
+    async def _attempt(self, ref: AudienceRef, make: Make) -> str | None:
         """One round: the known id, or the id this replica created as holder, or the holder's; None when the
         holder lapsed without one."""
         await self.store.ensure_started()
@@ -125,7 +132,7 @@ class AudienceCreator:
         if known is not None:
             return known
         if await self.store.claim(ref):
-            audience_id = await self._create(ref)
+            audience_id = await make()
             await self.store.publish(ref, audience_id)
             log.info("created TikTok audience %s for advertiser %s (%r)", audience_id, ref[0], ref[1])
             return audience_id

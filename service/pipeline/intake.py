@@ -24,6 +24,7 @@ from service import metrics as m
 from service.core.batcher import Batcher
 from service.core.dead_letters import DeadLetter
 from service.core.dlq_guard import DlqGuard
+from service.core.file_batcher import FileBatcher, FileChange
 from service.core.ledger import Ledger
 from service.core.membership import Processed, Resolver
 from service.core.model import AudienceChange, AudienceNeeded, DlqReason, Outcome, Rejected, Skipped
@@ -63,8 +64,8 @@ _OFFLINE_REASONS = frozenset({DlqReason.INVALID_EVENT, DlqReason.EVENT_TOO_OLD, 
 
 
 class Router:
-    """Sends a resolved record on its way: batch (audience changes to `batcher`, offline events to `offline`),
-    skip, wait for its audience, or dead-letter."""
+    """Sends a resolved record on its way: batch (audience changes to `batcher`, offline events to `offline`,
+    file-audience changes to `files`), skip, wait for its audience, or dead-letter."""
 
     def __init__(
         self,
@@ -76,18 +77,29 @@ class Router:
         dead_letter: Callable[[Source, DeadLetter], None],
         counts: collections.Counter[tuple[Any, ...]],
         offline: OfflineBatcher | None = None,
+        files: FileBatcher | None = None,
     ) -> None:
         self.batcher = batcher
         self.offline = offline
+        self.files = files
         self.holds = holds
         self.guard = guard
         self._finish = finish
         self._dead_letter = dead_letter
         self.counts = counts
 
-    def route(self, src: Source, outcome: Outcome | OfflineEvent) -> None:
+    def route(self, src: Source, outcome: Outcome | OfflineEvent | FileChange) -> None:
         counts = self.counts
-        if isinstance(outcome, OfflineEvent):
+        if isinstance(outcome, FileChange):
+            if self.files is None:  # a wiring defect: never drop a record silently
+                self._dead_letter(
+                    src, DeadLetter(DlqReason.MISSING_AUDIENCE_ID, "file audiences are not wired in this process")
+                )
+                return
+            self.guard.ok()
+            counts[("valid", (outcome.identifiers[0][0],))] += 1
+            self.files.add(src.ref, outcome, src)
+        elif isinstance(outcome, OfflineEvent):
             if self.offline is None:  # a wiring defect: never drop an event silently
                 self._dead_letter(src, DeadLetter(DlqReason.INVALID_EVENT, "offline events are not wired here"))
                 return

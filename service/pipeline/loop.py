@@ -26,9 +26,9 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError
 
@@ -36,6 +36,7 @@ from service import metrics as m
 from service.core.batcher import Batch, Batcher, Row
 from service.core.dead_letters import DeadLetter
 from service.core.dlq_guard import DlqGuard
+from service.core.file_batcher import FILE_INTERVAL_S, FILE_MAX_ROWS, FileBatcher, FileRow
 from service.core.ledger import Ledger
 from service.core.mappings import Mappings
 from service.core.membership import Resolver
@@ -48,6 +49,7 @@ from service.core.types import TopicPartition
 from service.kafka.source import SourceConsumer, SourceMessage
 from service.pipeline.audience_creation import AudienceCreator
 from service.pipeline.dead_letters import DeadLetterWriter, LetterProducer
+from service.pipeline.file_uploads import FileUploads
 from service.pipeline.gate import UploadGate
 from service.pipeline.holds import AudienceHolds
 from service.pipeline.intake import Intake, IntakeHook, Router, SchemaFetcher, Source
@@ -60,6 +62,7 @@ from service.pipeline.uploads import (
     Uploader,
     UploadScheduler,
 )
+from service.tiktok.customer_files_api import CustomerFilesApi
 
 __all__ = ["IntakeHook", "Pipeline", "PipelineOptions", "Source", "brokers_up"]
 
@@ -104,6 +107,8 @@ class Pipeline:
         creator: AudienceCreator | None = None,
         event_uploader: EventUploader | None = None,
         offline_batcher: OfflineBatcher | None = None,
+        files_api: CustomerFilesApi | None = None,
+        file_batcher: FileBatcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -146,8 +151,15 @@ class Pipeline:
             if event_uploader is not None
             else None
         )
+        # File audiences flow only with the customer-file API; otherwise the Router dead-letters their records.
+        self.file_batcher = (
+            (file_batcher or FileBatcher(interval_s=FILE_INTERVAL_S, max_rows=FILE_MAX_ROWS, clock=clock))
+            if files_api is not None
+            else None
+        )
         self.router = Router(
             offline=self.offline_batcher,
+            files=self.file_batcher,
             batcher=batcher,
             holds=self.holds,
             guard=self.dead_letters.guard,
@@ -198,7 +210,25 @@ class Pipeline:
                 sleep=sleep,
                 gauges=False,
             )
-        self._schedulers = [self.uploads] + ([self.offline_uploads] if self.offline_uploads is not None else [])
+        self.file_uploads: FileUploads | None = None
+        if files_api is not None and self.file_batcher is not None:
+            self.file_uploads = FileUploads(
+                batcher=self.file_batcher,
+                api=files_api,
+                outcomes=_FileOutcomes(self),
+                gate=self.gate,
+                backoff=backoff,
+                bucket=self.uploads.bucket,  # one data-plane budget with segment/mapping
+                creator=creator,
+                pressure=self._file_pressure,
+                clock=clock,
+                sleep=sleep,
+            )
+        self._schedulers: list[_Scheduler] = [self.uploads]
+        if self.offline_uploads is not None:
+            self._schedulers.append(self.offline_uploads)
+        if self.file_uploads is not None:
+            self._schedulers.append(self.file_uploads)
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -347,6 +377,8 @@ class Pipeline:
         self.batcher.drop_partitions(tps)
         if self.offline_batcher is not None:
             self.offline_batcher.drop_partitions(tps)
+        if self.file_batcher is not None:
+            self.file_batcher.drop_partitions(tps)
         self.intake.forget(tps)
         self.pauses.forget(tps)
         self.health.forget(tps)
@@ -425,6 +457,11 @@ class Pipeline:
                 return True
         return False
 
+    def _file_pressure(self) -> bool:
+        """Tracked records near the consumer's bound: cut file buffers now rather than let their interval pause
+        consumption (records of file audiences stay tracked, uncommitted, until TikTok accepted their update)."""
+        return self.ledger.tracked >= self.opt.max_pending * 3 // 4
+
     def _spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)
 
@@ -479,6 +516,43 @@ class _OfflineOutcomes:
 
     def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]:
         return self._p.dead_letters.write(source, letter)
+
+
+class _FileOutcomes:
+    """The file uploader's outcomes: the same ledger and dead-letter writer."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._p = pipeline
+
+    def is_live(self, row: FileRow) -> bool:
+        return self._p.ledger.is_live(row.ref, row.source)
+
+    def uploaded(self, rows: list[FileRow]) -> None:
+        """TikTok accepted the updates these records needed: finish them, count them by action."""
+        p = self._p
+        p.dead_letters.guard.ok()
+        m.LAST_UPLOAD.set(p.wall())
+        actions: collections.Counter[str] = collections.Counter()
+        finish = p.ledger.finish
+        for row in rows:
+            actions[row.change.action.value] += 1
+            if row.source is not None:
+                finish(row.source.ref, row.source)
+        for action, n in actions.items():
+            m.EVENTS_UPLOADED.labels(action).inc(n)
+
+    def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]:
+        return self._p.dead_letters.write(source, letter)
+
+
+class _Scheduler(Protocol):
+    force: int
+
+    def wake(self) -> None: ...
+
+    def run(self) -> Coroutine[Any, Any, None]: ...
+
+    async def close(self) -> None: ...
 
 
 def _fmt(tps: list[TopicPartition]) -> str:

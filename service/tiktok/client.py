@@ -65,9 +65,12 @@ class TikTokClient:
         """`POST /event/track/` (offline events, docs/tiktok-api.md §8.4): classified like a mapping upload."""
         return await self._call("POST", "/event/track/", data=body)
 
-    async def post_json(self, path: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
-        """A control-plane POST: paced by the control limiter when there is one."""
-        if self._control is not None:
+    async def post_json(
+        self, path: str, payload: dict[str, Any], *, paced: bool = True
+    ) -> tuple[Answer, dict[str, Any]]:
+        """A control-plane POST: paced by the control limiter when there is one. `paced=False` for a data-plane
+        call whose caller spent its own token (a file-audience update) and must start it without waiting."""
+        if paced and self._control is not None:
             await self._control.turn()
         return await self._call_with_data("POST", path, data=orjson.dumps(payload))
 

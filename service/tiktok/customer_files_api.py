@@ -17,7 +17,7 @@ import aiohttp
 
 from service.core.answers import Answer, Verdict
 from service.core.customer_files import FILE_CONTRACTS, FileAction, FileContract, IdentifierFile
-from service.tiktok.audiences_api import AUDIENCE_GET, GET_MAX_IDS, TikTokApiError, chunks
+from service.tiktok.audiences_api import AUDIENCE_GET, GET_MAX_IDS, AudiencesApi, TikTokApiError, chunks
 from service.tiktok.client import TikTokClient
 
 FILE_UPLOAD: Final = "/dmp/custom_audience/file/upload/"
@@ -29,6 +29,7 @@ FILE_PATHS_MAX: Final = 500  # file_paths per create (spec: maxItems 500); TikTo
 RETENTION_DAYS: Final = (1, 365)
 CUSTOMER_FILE_TYPE: Final = "Customer File Audience"  # `audience_type` of a customer-file audience
 UPLOAD_TIMEOUT_S: Final = 300.0  # a 50 MB file on a slow link takes far longer than a JSON call
+FILE_GONE: Final = frozenset({40905, 40910})  # FILE_NOT_EXIST, FILE_EXPIRED: upload the files again
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +104,8 @@ class CustomerFilesApi:
         self._client = client
         self._upload_timeout_s = upload_timeout_s
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
-        answer, data = await self._client.post_json(path, payload)
+    async def _post(self, path: str, payload: dict[str, Any], *, paced: bool = True) -> tuple[Answer, dict[str, Any]]:
+        answer, data = await self._client.post_json(path, payload, paced=paced)
         if answer.verdict is not Verdict.SUCCESS:
             raise TikTokApiError(path, answer)
         return answer, data
@@ -158,16 +159,25 @@ class CustomerFilesApi:
             raise _odd(FILE_AUDIENCE_CREATE, answer, "data.custom_audience_id")
         return str(audience_id)
 
-    async def update(self, advertiser_id: str, audience_id: str, file_paths: Sequence[str], action: FileAction) -> None:
+    async def update(
+        self,
+        advertiser_id: str,
+        audience_id: str,
+        file_paths: Sequence[str],
+        action: FileAction,
+        *,
+        paced: bool = True,
+    ) -> None:
         """`POST /dmp/custom_audience/update/` with files; `action` is always sent (TikTok's default is REPLACE,
-        which an omitted field would silently mean). TikTok refuses any action leaving fewer than 1,000 users."""
+        which an omitted field would silently mean). TikTok refuses any action leaving fewer than 1,000 users.
+        `paced=False`: the caller spent a data-plane token and needs the request to start at once."""
         payload = {
             "advertiser_id": advertiser_id,
             "custom_audience_id": audience_id,
             "file_paths": _check_paths(file_paths),
             "action": FileAction(action).value,
         }
-        await self._post(FILE_AUDIENCE_UPDATE, payload)
+        await self._post(FILE_AUDIENCE_UPDATE, payload, paced=paced)
 
     async def rename(self, advertiser_id: str, audience_id: str, name: str) -> None:
         """`POST /dmp/custom_audience/update/` with a new name only."""
@@ -192,6 +202,22 @@ class CustomerFilesApi:
                 if isinstance(details, dict):
                     out.append(FileAudience.from_json(details, entry.get("audience_history")))
         return out
+
+
+async def find_file_audience(
+    files: CustomerFilesApi, audiences: AudiencesApi, advertiser_id: str, name: str, contract: FileContract
+) -> str | None:
+    """A customer-file audience of `contract` already named `name` (one created whose id was never recorded,
+    after a crash), else None: reusing it beats creating a duplicate."""
+    same = [a.audience_id for a in await audiences.list_audiences(advertiser_id) if a.name == name]
+    if not same:
+        return None
+    usable = [
+        a.audience_id
+        for a in await files.get(advertiser_id, same)
+        if a.is_customer_file and a.calculate_type == contract
+    ]
+    return usable[0] if usable else None
 
 
 def _json_ids(ids: Sequence[str]) -> str:

@@ -576,7 +576,11 @@ def test_entries_in_the_report(doctor_env: DoctorEnv, capsys: pytest.CaptureFixt
         "(the",
         "key)",
         "DE",
-        "-",
+        "every",
+        "300s",
+        "or",
+        "100,000",
+        "users",
     ]
     rc, doc = run(capsys, doctor_env("audiences:\n  vip: {audience_id: abc}\n"))
     assert rc == 1 and doc["entries"] == []  # an invalid file has no settings to show; its check says why

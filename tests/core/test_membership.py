@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.core.file_batcher import FileChange
 from service.core.mappings import Mappings, parse_mappings
 from service.core.membership import NOT_AUDIENCE_EVENT, Processed, Resolver, ResolverSettings
 from service.core.model import (
@@ -937,9 +938,46 @@ def test_a_record_with_none_of_the_entrys_types_is_no_identifiers_and_says_why()
     assert "testing@example.com" not in out.outcome.error
 
 
-def test_a_disabled_entry_and_a_file_entry_skip_their_records() -> None:
+def test_a_disabled_entry_skips_its_records() -> None:
     assert resolve_entry(canonical_for("paused", email="a@b.co")).outcome == Skipped("audience_disabled")
-    assert resolve_entry(canonical_for("crm_file", email="a@b.co")).outcome == Skipped("file_audience")
+
+
+def test_a_file_entrys_records_become_file_changes_of_its_one_contract() -> None:
+    out = resolve_entry(canonical_for("crm_file", email="A@b.co", phone="+15555555555"))
+    assert out.outcome == FileChange(
+        "7654321098765432109", "crm_file", "14", None, "EMAIL_SHA256", Action.ADD, (("EMAIL_SHA256", sha("a@b.co")),)
+    )
+    none = resolve_entry(canonical_for("crm_file", phone="+15555555555"))
+    assert isinstance(none.outcome, Rejected) and none.outcome.reason is DlqReason.NO_IDENTIFIERS
+
+
+def test_a_file_entry_to_create_names_its_audience_and_finds_a_recorded_id() -> None:
+    mappings = parse_mappings(
+        {
+            "audiences": {
+                "crm": {
+                    "advertiser_id": "7654321098765432109",
+                    "mode": "file",
+                    "id_types": ["AAID_SHA256"],
+                    "create_if_missing": True,
+                    "file_interval_s": 120,
+                    "file_max_rows": 5000,
+                }
+            }
+        },
+        "mappings.yaml",
+    )
+    resolver = Resolver(ResolverSettings(), mappings, SchemaStore())
+    value = orjson.dumps(
+        {"audience_key": "crm", "action": "delete", "user_id": "u1", "aaid": "6D92078A-8246-4BA4-AE5B-76104861E7DC"}
+    )
+    out = resolver.process(value, None).outcome
+    assert isinstance(out, FileChange)
+    assert (out.audience_id, out.audience_name, out.contract, out.action) == (None, "crm", "GAID_SHA256", Action.DELETE)
+    assert (out.interval_s, out.max_rows) == (120, 5000)
+    resolver.created_audiences = {("7654321098765432109", "crm"): "777"}
+    again = resolver.process(value, None).outcome
+    assert isinstance(again, FileChange) and again.audience_id == "777"
 
 
 def test_an_entrys_phone_region_applies_to_its_national_numbers() -> None:
@@ -948,3 +986,50 @@ def test_an_entrys_phone_region_applies_to_its_national_numbers() -> None:
     assert uk.outcome.identifiers == (("PHONE_SHA256", sha("+442079460958")),)
     us = resolve_entry(canonical_for("emails_only", phone="020 7946 0958", email="a@b.co"))
     assert isinstance(us.outcome, AudienceChange) and us.outcome.identifiers[0][0] == "EMAIL_SHA256"
+
+
+def segment_with_id_type(key: str, id_type: object, **personas: object) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "track",
+            "event": "Audience Entered",
+            "context": {
+                "personas": {
+                    "computation_key": key,
+                    "external_audience_id": "99",
+                    "audience_settings": {"advertiserId": "7654321098765432109", "idType": id_type},
+                    **personas,
+                },
+                "traits": {"email": "testing@example.com", "phone": "+15555555555"},
+                "device": {"advertisingId": "6D92078A-8246-4BA4-AE5B-76104861E7DC", "type": "android"},
+            },
+            "properties": {key: True},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("id_type", "sent"),
+    [("EMAIL_SHA256", "EMAIL_SHA256"), ("PHONE_SHA256", "PHONE_SHA256"), ("GAID_SHA256", "AAID_SHA256")],
+)
+def test_segments_audience_id_type_narrows_what_is_sent(id_type: str, sent: str) -> None:
+    out = resolve_entry(segment_with_id_type("no_entry", id_type))
+    assert isinstance(out.outcome, AudienceChange)
+    assert [t for t, _ in out.outcome.identifiers] == [sent]
+
+
+def test_segments_id_type_unknown_is_ignored_and_the_entrys_id_types_win() -> None:
+    unknown = resolve_entry(segment_with_id_type("no_entry", "MD5_PLEASE"))
+    assert isinstance(unknown.outcome, AudienceChange) and len(unknown.outcome.identifiers) == 3
+    entry = resolve_entry(segment_with_id_type("emails_only", "PHONE_SHA256"))
+    assert isinstance(entry.outcome, AudienceChange)
+    assert [t for t, _ in entry.outcome.identifiers] == ["EMAIL_SHA256"]
+
+
+def test_segments_id_type_with_no_such_identifier_is_no_identifiers_and_says_why() -> None:
+    value = orjson.loads(segment_with_id_type("no_entry", "IDFA_SHA256"))
+    del value["context"]["device"]
+    out = resolve_entry(orjson.dumps(value))
+    assert isinstance(out.outcome, Rejected) and out.outcome.reason is DlqReason.NO_IDENTIFIERS
+    assert "audience_settings.idType sends only IDFA_SHA256" in out.outcome.error
+    assert "testing@example.com" not in out.outcome.error
