@@ -24,7 +24,7 @@ the consumer.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Final, NamedTuple
@@ -141,6 +141,9 @@ class FileBatcher:
         # Audiences created (or found) on demand: (advertiser id, name) → id. Later records of the entry still
         # carry no id (the resolver does not learn it), and must not wait for 1,000 users to APPEND again.
         self._created: dict[tuple[str, str], str] = {}
+        # The audience store's record of created audiences (set by the pipeline; filled in place as the store
+        # reads its topic): after a restart, an audience created by an earlier run is known from it.
+        self.known: Mapping[tuple[str, str], str] = {}
         self._ids = count(1)
         self.pending_rows = 0
 
@@ -155,8 +158,6 @@ class FileBatcher:
         # The newest record carries the entry's current settings (mappings reload live).
         if change.audience_id is not None:
             buf.audience_id = change.audience_id
-        elif buf.audience_id is None and change.audience_name is not None:
-            buf.audience_id = self._created.get((change.advertiser_id, change.audience_name))
         buf.audience_name = change.audience_name
         buf.interval_s = change.interval_s
         buf.max_rows = change.max_rows
@@ -181,8 +182,10 @@ class FileBatcher:
     def _trigger(self, buf: _Buffer, now: float, force: bool, pressure: bool) -> str | None:
         if not buf.rows or buf.key in self._out:
             return None
-        if buf.audience_id is None and buf.net.pending_appends < self.min_create:
-            return None  # the audience is to be created: TikTok wants 1,000 users for that
+        if buf.audience_id is None:
+            buf.audience_id = self._recorded(buf)
+            if buf.audience_id is None and buf.net.pending_appends < self.min_create:
+                return None  # the audience is to be created: TikTok wants 1,000 users for that
         if buf.net.pending_users >= (buf.max_rows or self.max_rows):
             return "rows"
         if now - buf.rows[0].enqueued_at >= (buf.interval_s or self.interval_s):
@@ -200,14 +203,15 @@ class FileBatcher:
 
     def done(self, key: FileKey, audience_id: str | None = None, audience_name: str | None = None) -> None:
         """The batch of `key` reached its outcome; `audience_id` is the audience it created or found, if any
-        (named `audience_name`: remembered for the entry's later records)."""
+        (named `audience_name`, else the buffer's name: remembered for the entry's later records)."""
         self._out.discard(key)
         buf = self._buffers.get(key)
         if buf is not None:
             if audience_id is not None and buf.audience_id is None:
                 buf.audience_id = audience_id
-                if audience_name is not None:
-                    self._created[(key[0], audience_name)] = audience_id
+                name = audience_name if audience_name is not None else buf.audience_name
+                if name is not None:
+                    self._created[(key[0], name)] = audience_id
             if not buf.rows:
                 del self._buffers[key]
 
@@ -221,7 +225,14 @@ class FileBatcher:
         return min(due) if due else None
 
     def _creatable(self, buf: _Buffer) -> bool:
-        return buf.net.pending_appends >= self.min_create
+        return buf.net.pending_appends >= self.min_create or self._recorded(buf) is not None
+
+    def _recorded(self, buf: _Buffer) -> str | None:
+        """The id of the audience this buffer's entry created on demand, if this run or the store knows it."""
+        if buf.audience_name is None:
+            return None
+        ref = (buf.key[0], buf.audience_name)
+        return self._created.get(ref) or self.known.get(ref)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
 
@@ -236,6 +247,14 @@ class FileBatcher:
             for b in self._buffers.values()
             if b.rows and b.audience_id is None and not self._creatable(b)
         ]
+
+    def waiting_rows(self, tp: TopicPartition | None = None) -> int:
+        """Buffered records (of `tp`, or all) in buffers that `waiting_for_users` lists: no force cuts them."""
+        return sum(
+            sum(1 for r in b.rows if tp is None or r.ref.tp == tp)
+            for b in self._buffers.values()
+            if b.rows and b.audience_id is None and not self._creatable(b)
+        )
 
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> int:
         """Forget the buffered records of revoked partitions; the rest of each buffer is netted again."""

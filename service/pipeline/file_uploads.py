@@ -37,13 +37,15 @@ from service.core.dead_letters import DeadLetter
 from service.core.file_batcher import FileBatch, FileBatcher, FileRow, net_rows
 from service.core.model import DlqReason
 from service.core.retry import Backoff, TokenBucket
-from service.pipeline.audience_creation import AudienceCreator, CreationFailed
+from service.pipeline.audience_creation import AudienceCreator, CreationFailed, describe
 from service.pipeline.gate import UploadGate
 from service.pipeline.tasks import Tasks
 from service.tiktok.audiences_api import TikTokApiError
 from service.tiktok.customer_files_api import FILE_GONE, CustomerFilesApi, find_file_audience
 
 log = logging.getLogger(__name__)
+
+_RECHECK_S = 5.0  # how often buffers waiting for their audience's creation look for an id recorded meanwhile
 
 _FINAL: Mapping[Verdict, DlqReason] = {
     Verdict.NOT_FOUND: DlqReason.MISSING_AUDIENCE_ID,
@@ -121,6 +123,7 @@ class FileUploads:
         self._sleep = sleep
         self.max_file_bytes = max_file_bytes
         self.force = 0  # > 0 while a drain or revoke wants every buffer cut now
+        self._store_asked = False
         self._wake = asyncio.Event()
         self._tasks = Tasks("file-upload")
 
@@ -134,6 +137,8 @@ class FileUploads:
         while True:
             deadline = self.batcher.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self._clock()) + 0.001
+            if self.batcher.waiting_for_users():  # the store may learn their audience's id: look again soon
+                timeout = min(timeout, _RECHECK_S) if timeout is not None else _RECHECK_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
@@ -141,7 +146,11 @@ class FileUploads:
 
     def dispatch(self) -> None:
         m.FILE_PENDING_USERS.set(self.batcher.pending_users)
-        m.FILE_WAITING_AUDIENCES.set(len(self.batcher.waiting_for_users()))
+        waiting = self.batcher.waiting_for_users()
+        m.FILE_WAITING_AUDIENCES.set(len(waiting))
+        if waiting and self.creator is not None and not self._store_asked:
+            self._store_asked = True  # an earlier run may have created them: read the store's record once
+            self._tasks.spawn(self._read_store())
         if not self.gate.is_open:
             return
         for batch in self.batcher.ready(force=self.force > 0, pressure=self._pressure()):
@@ -149,6 +158,17 @@ class FileUploads:
 
     async def close(self) -> None:
         await self._tasks.close()
+
+    async def _read_store(self) -> None:
+        """Start the audience store (it starts on first use) so that ids recorded by earlier runs are known."""
+        assert self.creator is not None
+        try:
+            await self.creator.store.ensure_started()
+        except Exception as exc:
+            log.warning("audience store not readable yet (%s); file audiences to create keep waiting", describe(exc))
+            await self._sleep(5.0)
+            self._store_asked = False
+        self._wake.set()
 
     # -- one batch to its outcome ---------------------------------------------------------------------------
 

@@ -212,6 +212,8 @@ class Pipeline:
             )
         self.file_uploads: FileUploads | None = None
         if files_api is not None and self.file_batcher is not None:
+            if creator is not None:
+                self.file_batcher.known = creator.store.ids  # audiences created on demand by earlier runs
             self.file_uploads = FileUploads(
                 batcher=self.file_batcher,
                 api=files_api,
@@ -275,7 +277,7 @@ class Pipeline:
     async def _drain(self) -> None:
         """SIGTERM: stop fetching, flush everything within the deadline, store and commit what finished."""
         assert self.consumer is not None
-        await self._flush_until(lambda: self.ledger.pending() > 0, self.opt.drain_timeout_s)
+        await self._flush_until(lambda: self.ledger.pending() > self._waiting(None), self.opt.drain_timeout_s)
         left = self.ledger.pending()
         if left:
             log.warning("drain deadline passed with %d records unfinished; they will be consumed again", left)
@@ -361,7 +363,9 @@ class Pipeline:
         m.REBALANCES.labels("revoke").inc()
         log.info("revoked %s", _fmt(tps))
         if not self._closing:
-            await self._flush_until(lambda: any(self.ledger.pending(tp) for tp in tps), self.opt.revoke_timeout_s)
+            await self._flush_until(
+                lambda: any(self.ledger.pending(tp) > self._waiting(tp) for tp in tps), self.opt.revoke_timeout_s
+            )
         offsets = {tp: c for tp in tps if (c := self.ledger.committable(tp)) is not None}
         self._forget(tps)
         return offsets
@@ -457,10 +461,18 @@ class Pipeline:
                 return True
         return False
 
+    def _waiting(self, tp: TopicPartition | None) -> int:
+        """Records (of `tp`, or all) that no flush can finish: they wait in file audiences to be created once
+        1,000 users are to be added. A drain or revoke does not wait for them; they stay uncommitted."""
+        return self.file_batcher.waiting_rows(tp) if self.file_batcher is not None else 0
+
     def _file_pressure(self) -> bool:
-        """Tracked records near the consumer's bound: cut file buffers now rather than let their interval pause
-        consumption (records of file audiences stay tracked, uncommitted, until TikTok accepted their update)."""
-        return self.ledger.tracked >= self.opt.max_pending * 3 // 4
+        """Buffered file-audience records hold a good part of the consumer's bound and it is near: cut them now
+        rather than let their interval pause consumption (they stay tracked, uncommitted, until TikTok accepted
+        their update). Not while the bound fills for another reason: small files would only spend requests."""
+        files = self.file_batcher
+        bound = self.opt.max_pending
+        return files is not None and files.pending_rows >= bound // 4 and self.ledger.tracked >= bound * 3 // 4
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)

@@ -208,15 +208,21 @@ def test_snap_fixture_android_device_is_aaid() -> None:
 
 
 def test_tiktok_add_to_audience_fixture() -> None:
-    # Segment's own fixture has no computation_class: accepted, membership from the event name.
+    # Segment's own fixture has no computation_class: accepted, membership from the event name. Its audience's
+    # "ID Type" is EMAIL_SHA256, so only the email is sent (Segment sends every enabled identifier whatever the ID
+    # Type; this service honours the audience's declared type: README "Per-entry identifier contract").
     result = change(run(fixture("tiktok_add_to_audience.json")))
     assert result.action is Action.ADD
-    assert result.identifiers == (
+    assert result.identifiers == (("EMAIL_SHA256", TESTING_EMAIL),)
+    assert (result.audience_id, result.advertiser_id, result.audience_key) == ("12345", "123", None)
+    # Without the ID Type, every identifier goes, phones in E.164 (where Segment hashes the raw "1234567890").
+    untyped = fixture("tiktok_add_to_audience.json")
+    del untyped["context"]["personas"]["audience_settings"]["idType"]
+    assert change(run(untyped)).identifiers == (
         ("EMAIL_SHA256", TESTING_EMAIL),
-        ("PHONE_SHA256", sha("+11234567890")),  # E.164, where Segment hashes the raw "1234567890"
+        ("PHONE_SHA256", sha("+11234567890")),
         ("IDFA_SHA256", HASH_4242),
     )
-    assert (result.audience_id, result.advertiser_id, result.audience_key) == ("12345", "123", None)
 
 
 @pytest.mark.parametrize(("membership", "action"), [(True, Action.ADD), (False, Action.DELETE)])

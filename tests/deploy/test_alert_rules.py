@@ -41,6 +41,8 @@ RUNBOOK_ANCHORS = {
     "runbook-quota",
     "runbook-refresh-overdue",
     "runbook-offline-errors",
+    "runbook-file-updates-refused",
+    "runbook-file-audience-waiting",
 } | {f"runbook-{r.value}" for r in DlqReason}
 
 PER_REASON_ANCHOR = "runbook-{{ $labels.reason }}"

@@ -8,12 +8,14 @@ service on 127.0.0.1 and its rule file pointed at deploy/prometheus/alerts.yml.
 The dashboard is checked for real: every panel expression is parsed by Prometheus's own parser (`promtool check
 rules` on a generated file holding each one as a recording rule), and every panel returns data from the running
 Prometheus after traffic that moves it, faults included (a rate-limited answer, dead letters, skipped records,
-invalid identifiers, a superseded event), since a panel that can never show data is a broken panel.
+invalid identifiers, a superseded event), and events of a file audience (`mode: file`: uploaded files, APPEND and
+REMOVE updates), since a panel that can never show data is a broken panel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -35,6 +37,7 @@ from confluent_kafka import Consumer
 from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
 from service.devtools.sandbox import SandboxThread
+from service.devtools.sandbox.state import FilePart
 
 from ..conftest import ServiceProcess, Topics, produce, require_tool, wait_until
 from . import ALERTS, DASHBOARD, PROMETHEUS_YML, alert_rules, load_yaml
@@ -274,13 +277,53 @@ MAY_STAY_ZERO = {
     ("Pending events and paused partitions", "A"): "gauge: drained between two scrapes",
     ("Pending events and paused partitions", "B"): "gauge: nothing pauses in a healthy run",
     ("Audiences invalid or missing", "A"): "every mapped audience is valid",
+    ("Users pending a file upload", "A"): "gauge: FILE_INTERVAL_S=1 uploads them between two scrapes",
+    ("File audiences waiting for 1,000 users", "A"): "the file audience exists: nothing waits to be created",
 }
 
+# A customer-file audience (`mode: file`) fed by events: seeded with TikTok's minimum of 1,000 users, so its
+# REMOVE updates stay above it; uploaded every second (FILE_INTERVAL_S=1).
+FILE_KEY = "dash_crm"
+FILE_SEED = 1000
 
-def mappings_yaml() -> str:
+
+def email_hash(email: str) -> str:
+    return hashlib.sha256(email.encode()).hexdigest()
+
+
+def seed_file_audience(sandbox: SandboxThread) -> str:
+    """A customer-file audience of FILE_SEED email hashes, made through the sandbox's own upload and create."""
+    content = "".join(email_hash(f"seed-{i}@example.com") + "\n" for i in range(FILE_SEED)).encode()
+    path = sandbox.state.upload_file(
+        {
+            "advertiser_id": ADVERTISER_ID,
+            "calculate_type": "EMAIL_SHA256",
+            "file_signature": hashlib.md5(content, usedforsecurity=False).hexdigest(),
+            "file": FilePart("seed.csv", content),
+        }
+    )["file_path"]
+    created = sandbox.state.create_file_audience(
+        {
+            "advertiser_id": ADVERTISER_ID,
+            "custom_audience_name": FILE_KEY,
+            "calculate_type": "EMAIL_SHA256",
+            "file_paths": [path],
+        }
+    )
+    return str(created["custom_audience_id"])
+
+
+def mappings_yaml(file_audience_id: str) -> str:
     lines = ["audiences:"]
     for a in DEFAULT_AUDIENCES:
         lines += [f"  {a.key}:", f'    advertiser_id: "{a.advertiser_id}"', f'    audience_id: "{a.audience_id}"']
+    lines += [
+        f"  {FILE_KEY}:",
+        f'    advertiser_id: "{ADVERTISER_ID}"',
+        f'    audience_id: "{file_audience_id}"',
+        "    mode: file",
+        "    id_types: [EMAIL_SHA256]",
+    ]
     lines += ["offline_events:", '  default_event_set_id: "7100000000000000001"']  # the offline panels
     return "\n".join(lines) + "\n"
 
@@ -303,11 +346,28 @@ def offline_records(wave: int) -> list[tuple[bytes, bytes]]:
     return records
 
 
+def file_records(wave: int) -> list[tuple[bytes, bytes]]:
+    """Canonical events of the file audience: three new users enter (APPEND), a seeded one exits (REMOVE)."""
+    now_ms = int(time.time() * 1000)
+    changes = [(f"dash-file-{wave}-{i}", f"dash-file-{wave}-{i}@example.com", "add") for i in range(3)]
+    changes.append((f"dash-seed-{wave}", f"seed-{wave}@example.com", "delete"))
+    return [
+        (
+            user.encode(),
+            orjson.dumps(
+                {"audience_key": FILE_KEY, "action": action, "user_id": user, "email": email, "event_time": now_ms}
+            ),
+        )
+        for user, email, action in changes
+    ]
+
+
 WAVES = 2
 
 
 def dashboard_wave(wave: int) -> list[tuple[bytes, bytes]]:
-    """One wave of traffic: uploads, dead letters, a skipped record, an invalid identifier, a superseded event.
+    """One wave of traffic: uploads, dead letters, a skipped record, an invalid identifier, a superseded event,
+    offline conversions and file-audience events.
 
     Two waves, because a labelled series (a dead-letter reason, a status class) is born with the count of its first
     scrape and a burst can fit between two scrapes: only the second wave's increments move its rate."""
@@ -324,6 +384,7 @@ def dashboard_wave(wave: int) -> list[tuple[bytes, bytes]]:
     page = f"dash-page-{wave}"
     records.append((page.encode(), orjson.dumps({"type": "page", "userId": page, "name": "Home"})))
     records += offline_records(wave)
+    records += file_records(wave)
     return records
 
 
@@ -359,11 +420,12 @@ def test_every_dashboard_panel_shows_data_after_traffic_that_moves_it(
 ) -> None:
     started = time.monotonic()
     mappings = tmp_path / "mappings.yaml"
-    mappings.write_text(mappings_yaml())
+    mappings.write_text(mappings_yaml(seed_file_audience(sandbox)))
     env = service_env(
         sandbox.url,
         MAPPINGS_FILE=str(mappings),
         AUDIENCE_HEALTH_INTERVAL_S="1",
+        FILE_INTERVAL_S="1",  # the file audience's events are uploaded within the wave
         KAFKA_STATISTICS_INTERVAL_MS="1000",  # lag per partition within the test, not after 15 s
     )
     svc = services(env)
@@ -389,7 +451,8 @@ def test_every_dashboard_panel_shows_data_after_traffic_that_moves_it(
                 "invalid identifiers": f"sum(audience_sync_match_errors_total) >= {n}",
                 "superseded events": f"sum(audience_sync_events_superseded_total) >= {n}",
                 "lag per partition": "count(audience_sync_consumer_lag_records) >= 1",
-                "audience health": f"count(audience_sync_audience_members > 0) == {len(DEFAULT_AUDIENCES)}",
+                "audience health": f"count(audience_sync_audience_members > 0) == {len(DEFAULT_AUDIENCES) + 1}",
+                "file-audience updates": f'sum(audience_sync_file_updates_total{{outcome="accepted"}}) >= {2 * n}',
                 "a complete health poll": "max(audience_sync_audience_health_last_poll_timestamp_seconds) > 0",
             }
             for what, query in moved.items():
