@@ -238,10 +238,11 @@ class FileUploads:
             ids = progress.net.append.get(contract, frozenset())
             paths = await self._files(batch, progress, append_key, ids)
             await self._token()
+            await self.api.control_turn()  # a create is a control-plane call: its turn comes before the fence
             if not self._all_live(progress.net):  # the fence, as for updates: created from live records only
                 self._renet(batch, progress)
                 raise _Stale  # the creator tries again, with files of the live records
-            audience_id = await self.api.create(advertiser, name, contract, paths)
+            audience_id = await self.api.create(advertiser, name, contract, paths, paced=False)
             created = True
             return audience_id
 

@@ -65,6 +65,12 @@ class TikTokClient:
         """`POST /event/track/` (offline events, docs/tiktok-api.md §8.4): classified like a mapping upload."""
         return await self._call("POST", "/event/track/", data=body)
 
+    async def control_turn(self) -> None:
+        """Wait for the control limiter (if any): a caller that must start a control-plane call without awaiting in
+        between (a fenced create) takes its turn first, then calls with `paced=False`."""
+        if self._control is not None:
+            await self._control.turn()
+
     async def post_json(
         self, path: str, payload: dict[str, Any], *, paced: bool = True
     ) -> tuple[Answer, dict[str, Any]]:

@@ -110,6 +110,10 @@ class CustomerFilesApi:
             raise TikTokApiError(path, answer)
         return answer, data
 
+    async def control_turn(self) -> None:
+        """Take a control-plane turn now, for a call then made with `paced=False` (see `TikTokClient`)."""
+        await self._client.control_turn()
+
     async def upload(self, advertiser_id: str, file: IdentifierFile) -> UploadedFile:
         """`POST /dmp/custom_audience/file/upload/`: multipart advertiser_id, calculate_type, file, file_name and
         file_signature (the MD5 of the bytes sent); answers `data.file_path`."""
@@ -135,6 +139,7 @@ class CustomerFilesApi:
         file_paths: Sequence[str],
         *,
         retention_in_days: int | None = None,
+        paced: bool = True,
     ) -> str:
         """`POST /dmp/custom_audience/create/` → the new audience id.
 
@@ -153,7 +158,7 @@ class CustomerFilesApi:
             if not lo <= retention_in_days <= hi:
                 raise ValueError(f"retention_in_days must be between {lo} and {hi}")
             payload["retention_in_days"] = retention_in_days
-        answer, data = await self._post(FILE_AUDIENCE_CREATE, payload)
+        answer, data = await self._post(FILE_AUDIENCE_CREATE, payload, paced=paced)
         audience_id = data.get("custom_audience_id", data.get("audience_id"))
         if audience_id in (None, ""):
             raise _odd(FILE_AUDIENCE_CREATE, answer, "data.custom_audience_id")

@@ -47,7 +47,7 @@ from service.pipeline.file_uploads import FileUploads
 from service.pipeline.gate import UploadGate
 from service.pipeline.loop import Pipeline, PipelineOptions
 from service.tiktok.audiences_api import AudiencesApi
-from service.tiktok.client import TikTokClient
+from service.tiktok.client import ControlLimiter, TikTokClient
 from service.tiktok.customer_files_api import CustomerFilesApi, UploadedFile
 
 pytestmark = pytest.mark.timeout(30)
@@ -204,11 +204,12 @@ class Files:
         *,
         budget_s: float = 0.3,
         gate_retry_s: float = 0.05,
+        control: ControlLimiter | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.sb = sb
         self.token = TOKEN
-        self.client = TikTokClient(session, sb.url, lambda: self.token, timeout_s=5)
+        self.client = TikTokClient(session, sb.url, lambda: self.token, timeout_s=5, control=control)
         self.api = RevokingApi(self.client, upload_timeout_s=5)
         self.outcomes = Outcomes()
         self.batcher = Batches(interval_s=60.0, max_rows=100_000, clock=loop.time)
@@ -544,6 +545,38 @@ async def test_an_unrecorded_audience_of_the_same_name_is_reused(
         assert f.updates(aid) == [("CREATE", 1100), ("APPEND", 2100), ("REMOVE", 2096)]
         assert f.members(aid) == hashes(existing[4:]) | hashes(joining)
         assert f.outcomes.finished_refs() == refs(rows) and not f.outcomes.letters
+
+
+class RevokeOnTurn:
+    """A control limiter that revokes partitions while a chosen control-plane turn waits (a slow limiter and a
+    rebalance coinciding): the fence must come after the wait, not before it."""
+
+    def __init__(self, on_turn: int, revoke: Callable[[], None]) -> None:
+        self.on_turn, self.revoke, self.turns = on_turn, revoke, 0
+
+    async def turn(self) -> None:
+        self.turns += 1
+        if self.turns == self.on_turn:
+            self.revoke()
+        await asyncio.sleep(0)
+
+
+async def test_records_revoked_while_the_create_waits_for_its_turn_are_not_in_the_new_audience(
+    sb: SandboxThread, session: aiohttp.ClientSession
+) -> None:
+    # Turn 1 is the list that looks for an unrecorded audience, turn 2 the create's own.
+    holder: list[Files] = []
+    limiter = RevokeOnTurn(2, lambda: holder[0].outcomes.live.discard(TP1))
+    async with Files(sb, session, control=cast(ControlLimiter, limiter)) as f:
+        holder.append(f)
+        kept = f.add_all(users("kept", 1005), Action.ADD, TP0, name=NAME)
+        revoked = f.add_all(users("revoked", 10), Action.ADD, TP1, name=NAME)
+        await f.batch()
+
+        [aid] = [a for a, au in sb.state.audiences.items() if au.name == NAME]
+        assert f.members(aid) == hashes(users("kept", 1005)), "a revoked record's user reached the new audience"
+        assert f.outcomes.finished_refs() == refs(kept) and not f.outcomes.letters
+        assert not set(refs(revoked)) & set(f.outcomes.finished_refs())
 
 
 # -- 7. the whole pipeline on the in-memory broker -------------------------------------------------------------
