@@ -6,7 +6,8 @@ updates (service/core/file_batcher.py, service/pipeline/file_uploads.py).
 - create on demand: one customer-file audience named after the key, its id recorded (audience store topic) so
   later exits are REMOVEs on that audience, also after a restart;
 - TikTok's 1,000-user rule: a REMOVE that would leave fewer is refused, its records are dead-lettered
-  `tiktok_rejected` and their offsets still committed;
+  `tiktok_rejected` and their offsets still committed; once the audience has grown, `replay --mode process`
+  applies those letters as a REMOVE, writes no new letter and commits its group to the DLQ's end;
 - the entry's one contract: events carrying email and phone upload only EMAIL_SHA256 files.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +31,7 @@ from service.devtools.broker import LocalBroker
 from service.devtools.sample import ADVERTISER_ID
 from service.devtools.sandbox import SandboxThread
 from service.devtools.sandbox.state import CUSTOMER_FILE, FilePart
-from tests.conftest import ServiceProcess, Topics, committed, produce, read_all, wait_until
+from tests.conftest import ROOT, ServiceProcess, Topics, committed, produce, read_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -432,3 +435,103 @@ def test_email_only_entry_uploads_only_email_hashes_from_events_with_email_and_p
     assert {u["action"] for u in updates(sandbox, audience_id)} <= {"APPEND", "REMOVE"}
     assert len(sandbox.state.requests(FILE_UPLOAD)) == len(files)
     assert dead_letters(broker, topics, 0, timeout_s=3) == [], "nothing dead-lettered"
+
+
+# -- 5. replaying the refused REMOVE once the audience is big enough ----------------------------------------------
+
+REPLAY_TIMEOUT_S = 60.0
+
+
+def grow_file_audience(sb: SandboxThread, audience_id: str, more: set[str]) -> None:
+    """Add `more` (hashes) to a customer-file audience through the sandbox's own upload and APPEND (as
+    `file_audience` seeds one); the set-up's file and update are forgotten afterwards."""
+    content = "".join(h + "\n" for h in sorted(more)).encode()
+    body: dict[str, object] = {
+        "advertiser_id": ADV,
+        "calculate_type": EMAIL,
+        "file_signature": hashlib.md5(content, usedforsecurity=False).hexdigest(),
+        "file": FilePart("grow.csv", content),
+    }
+    path = sb.state.upload_file(body)["file_path"]
+    sb.state.update_file_audience(
+        {"advertiser_id": ADV, "custom_audience_id": audience_id, "action": "APPEND", "file_paths": [path]}
+    )
+    sb.state.files.clear()
+    sb.state.file_updates.clear()
+
+
+def ends_of(letters: list[Any]) -> dict[int, int]:
+    """Per partition, the offset after the last record read (not ListOffsets: tansu's latest offset can be short,
+    docs/design.md "A real broker for tests and `make run`")."""
+    ends: dict[int, int] = {}
+    for m in letters:
+        ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+    return ends
+
+
+def run_replay(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
+    """`audience-sync replay ARGS --json` as a real process, bounded by REPLAY_TIMEOUT_S: exit code, summary,
+    stderr."""
+    cmd = [sys.executable, "-m", "service", "replay", *args, "--json", "--no-progress"]
+    try:
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=REPLAY_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        err = (exc.stderr or b"").decode(errors="replace")[-5000:]
+        raise AssertionError(f"{' '.join(cmd[1:])} did not finish within {REPLAY_TIMEOUT_S}s; stderr:\n{err}") from None
+    out, err = done.stdout.decode(errors="replace").strip(), done.stderr.decode(errors="replace")
+    doc: dict[str, Any] = orjson.loads(out) if out.startswith("{") else {"stdout": out}
+    return done.returncode, doc, err[-5000:]
+
+
+def test_replayed_file_audience_letters_apply_once_the_audience_is_big_enough(
+    broker: LocalBroker,
+    topics: Topics,
+    sandbox: SandboxThread,
+    service_env: EnvFactory,
+    services: Start,
+    tmp_path: Path,
+) -> None:
+    # As in the 1,000-user rule test: 10 exits from an audience of exactly 1,000, refused and dead-lettered.
+    key = "crm_small"
+    people = [f"member{i}@example.com" for i in range(1000)]
+    seed = {email_hash(e) for e in people}
+    audience_id = file_audience(sandbox, seed, "CRM small")
+    exits: Records = [(f"m{i}".encode(), event(key, "delete", f"m{i}", people[i], i)) for i in range(10)]
+    produce(broker, topics.source, exits)
+    env = file_env(service_env, sandbox, mappings(tmp_path, {key: file_entry(audience_id)}))
+    svc = services(env)
+    letters = dead_letters(broker, topics, len(exits), timeout_s=45)
+    wait_committed(broker, topics, len(exits), 30, svc)
+    assert svc.stop() == 0
+    assert len(letters) == len(exits)
+    assert {header_value(m.headers(), "dlq.reason") for m in letters} == {"tiktok_rejected"}
+    assert members(sandbox, audience_id) == seed, "the audience keeps its 1,000"
+
+    # The audience grows to 1,100 at TikTok: removing the 10 now leaves 1,090.
+    grown = seed | {email_hash(f"newcomer{i}@example.com") for i in range(100)}
+    grow_file_audience(sandbox, audience_id, grown - seed)
+    assert len(members(sandbox, audience_id)) == 1100
+
+    # The operator replays the refused letters; process mode resolves and uploads them itself (no service).
+    dlq_end = ends_of(letters)
+    assert dlq_end == {0: len(exits)}, dlq_end
+    replay_started = time.monotonic()
+    rc, doc, err = run_replay(env, "--mode", "process", "--reason", "tiktok_rejected", "--idle-timeout", "5")
+    replay_s = time.monotonic() - replay_started
+    assert rc == 0, f"replay exit {rc}: {doc}\nstderr:\n{err}"
+    assert (doc["selected"], doc["processed"], doc["failed"]) == (10, 10, 0), doc
+
+    expected = grown - {email_hash(e) for e in people[:10]}
+    got = members(sandbox, audience_id)
+    assert len(expected) == 1090
+    assert got == expected, f"{len(got)} members, {len(got - expected)} extra, {len(expected - got)} missing"
+    done = updates(sandbox, audience_id)
+    assert done and {u["action"] for u in done} == {"REMOVE"}, done
+    assert (done[0]["size_before"], done[-1]["size_after"]) == (1100, 1090), done
+    after = dead_letters(broker, topics, len(exits), timeout_s=3)
+    assert sorted((m.partition(), m.offset()) for m in after) == sorted((m.partition(), m.offset()) for m in letters), (
+        "no new dead letter: the DLQ holds only the original 10"
+    )
+    replay_group = f"{topics.group}.replay"
+    assert committed(broker, replay_group, topics.dlq, 1) == dlq_end, "the replay committed to the DLQ's end"
+    assert replay_s < REPLAY_TIMEOUT_S, f"the replay took {replay_s:.1f}s"
