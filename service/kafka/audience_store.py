@@ -244,7 +244,8 @@ class AudienceStore:
                 raise TimeoutError(f"audience store did not show offset {offset} within {timeout_s}s")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+                async with asyncio.timeout(min(left, 0.5)):  # not wait_for: see pipeline/uploads.py
+                    await self._changed.wait()
 
     def _hold(self, ref: AudienceRef) -> tuple[str | None, Hold | None]:
         with self._lock:
@@ -290,7 +291,8 @@ class AudienceStore:
                     return None
                 left = min(left, hold.until - now)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(0.5, left))
+                async with asyncio.timeout(min(0.5, left)):  # not wait_for: see pipeline/uploads.py
+                    await self._changed.wait()
 
 
 def _done(fut: asyncio.Future[int], offset: int) -> None:

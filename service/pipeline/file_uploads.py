@@ -139,8 +139,11 @@ class FileUploads:
             timeout = None if deadline is None else max(0.0, deadline - self._clock()) + 0.001
             if self.batcher.waiting_for_users():  # the store may learn their audience's id: look again soon
                 timeout = min(timeout, _RECHECK_S) if timeout is not None else _RECHECK_S
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives as the wait
+            # ends (CPython gh-86296), and this loop would then outlive the pipeline it dispatches for.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             self.dispatch()
 

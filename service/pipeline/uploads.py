@@ -264,8 +264,11 @@ class UploadScheduler:
             if self._token_due is not None:
                 deadline = self._token_due if deadline is None else min(deadline, self._token_due)
             timeout = None if deadline is None else max(0.0, deadline - self._clock()) + 0.001
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives as the wait
+            # ends (CPython gh-86296), and this loop would then outlive the pipeline it dispatches for.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             self.dispatch()
 
