@@ -1,5 +1,6 @@
 """In-process stand-ins for the pipeline's outside world: TikTok (membership per cell, scripted answers, the
-revocation fence), the dead-letter producer (into the in-memory broker) and audience creation on demand.
+revocation fence), its customer-file side (uploaded files, members per file audience, scripted answers, the same
+fence), the dead-letter producer (into the in-memory broker) and audience creation on demand.
 
 Shared by the model-based suite (test_model.py) and the defect scenarios (test_defects.py).
 """
@@ -10,12 +11,14 @@ import asyncio
 import hashlib
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from service.core.answers import Answer, Verdict, classify
+from service.core.customer_files import FileAction, FileContract, IdentifierFile
 from service.core.mappings import AudienceMapping, Mappings
 from service.core.model import DlqReason
 from service.core.offline import OfflineSettings
@@ -23,10 +26,19 @@ from service.core.types import TopicPartition
 from service.kafka.memory import InMemoryBroker
 from service.kafka.producer import DeliveryError
 from service.pipeline.audience_creation import CreationFailed
+from service.tiktok.audiences_api import TikTokApiError
+from service.tiktok.customer_files_api import (
+    FILE_AUDIENCE_UPDATE,
+    FILE_UPLOAD,
+    CustomerFilesApi,
+    FileAudience,
+    UploadedFile,
+)
 
 SRC, DLQ, GROUP, PARTITIONS = "src", "dlq", "g", 3
 ADV_A, ADV_B = "7000000000000000001", "7000000000000000002"
-USERS = [f"u{i}" for i in range(6)]
+# The model's users, two per partition (`partition_of`), so every partition's revoke or loss meets records.
+USERS = ["u0", "u2", "u5", "u6", "u7", "u10"]
 BAD_USER = "u5"  # refused by TikTok while the `refuse_user` rule is on
 # audience key → (advertiser, audience id); "late" is mapped by a reload, "made" is created on demand.
 MAPPED = {"a1": (ADV_A, "101"), "a2": (ADV_A, "102"), "b1": (ADV_B, "201")}
@@ -34,6 +46,13 @@ LATE = ("late", ADV_B, "202")
 MADE = ("made", ADV_A, "301")
 KEYS = [*MAPPED, LATE[0], MADE[0]]
 MODES = ["ok", "5xx", "rate", "auth", "html", "timeout", "deleted_102", "refuse_user", "too_many", "permission_b"]
+# The `mode: file` entry (`mappings(file=True)`): audience key, advertiser, audience id. Not in KEYS: only the
+# model asks for it.
+FILE = ("f1", ADV_A, "401")
+# Answers of the customer-file side (`Files.mode`): "hang" keeps every call waiting until the mode changes (then
+# answers as the new one), so revokes, losses and crashes land mid-upload; "lost" applies the update and answers a
+# timeout; "gone" is TikTok having lost the uploaded files (40910: upload again); "upload_5xx" fails uploads only.
+FILE_MODES = ["ok", "hang", "rate", "5xx", "lost", "gone", "auth", "refuse", "deleted", "permission", "upload_5xx"]
 MAX_PENDING, CONSUME_BATCH = 30, 8
 EVENT_SET = "7300000000000000001"  # the offline event set of the mappings
 
@@ -85,12 +104,15 @@ def offline_event(user: str, seq: int) -> bytes:
     )
 
 
-def mappings(*, late: bool, offline: bool = False) -> Mappings:
-    """The audience keys of the harness; `offline` adds the default offline event set."""
+def mappings(*, late: bool, offline: bool = False, file: bool = False) -> Mappings:
+    """The audience keys of the harness; `offline` adds the default offline event set, `file` the `mode: file`
+    entry `FILE` (one id type: EMAIL_SHA256)."""
     entries = {k: AudienceMapping(k, adv, aud) for k, (adv, aud) in MAPPED.items()}
     entries[MADE[0]] = AudienceMapping(MADE[0], MADE[1], None, "made audience", True)
     if late:
         entries[LATE[0]] = AudienceMapping(LATE[0], LATE[1], LATE[2])
+    if file:
+        entries[FILE[0]] = AudienceMapping(FILE[0], FILE[1], FILE[2], mode="file", id_types=("EMAIL_SHA256",))
     return Mappings(entries, offline=OfflineSettings(default_event_set_id=EVENT_SET) if offline else None)
 
 
@@ -199,6 +221,124 @@ class TikTok:
         return Answer(Verdict.SUCCESS, 200, 0, "OK", "req")
 
 
+class Files:
+    """TikTok's customer-file side (the `CustomerFilesApi` calls the pipeline makes): uploaded files by path,
+    members per audience id, answers by `mode`. Each update checks the revocation fence of `tiktok` (an upload
+    may still carry a revoked user: the pipeline fences the update, which is what changes membership).
+
+    What a real TikTok would refuse as malformed is kept in `problems` (an assertion would be swallowed by the
+    pipeline's catch-all, which dead-letters the batch), for the model to check.
+    """
+
+    def __init__(self, tiktok: TikTok) -> None:
+        self.tiktok = tiktok
+        self.mode = "ok"
+        self.files: dict[str, tuple[str, FileContract, frozenset[str]]] = {}  # path → advertiser, contract, hashes
+        self.members: dict[str, set[str]] = {}  # audience id → hashes
+        self.uploads = 0
+        self.inflight = 0  # requests started and not answered yet
+        self.updates: dict[str, int] = {}  # outcome → count: "APPEND"/"REMOVE" accepted, or the mode refusing
+        self.problems: list[str] = []
+
+    def api(self) -> CustomerFilesApi:
+        """This fake as the pipeline's `files_api` (it implements the calls the pipeline makes)."""
+        return cast(CustomerFilesApi, self)
+
+    def has(self, audience_id: str, user: str) -> bool:
+        return email_hash(user) in self.members.get(audience_id, ())
+
+    async def upload(self, advertiser_id: str, file: IdentifierFile) -> UploadedFile:
+        self.tiktok.requests += 1
+        await self._answer_time()
+        if self.mode == "upload_5xx":
+            raise TikTokApiError(FILE_UPLOAD, Answer(classify(503, None), 503, None, "unavailable"))
+        lines = file.content.decode().splitlines()
+        if hashlib.md5(file.content, usedforsecurity=False).hexdigest() != file.md5:
+            self.problems.append(f"{file.name}: file_signature is not the MD5 of the content")
+        if len(lines) != file.rows or len(set(lines)) != len(lines):
+            self.problems.append(f"{file.name}: {len(lines)} lines ({len(set(lines))} distinct), rows={file.rows}")
+        unknown = [h for h in lines if h not in HASH_USER]
+        if unknown:
+            self.problems.append(f"{file.name}: {len(unknown)} lines are no user's email hash: {unknown[:1]}")
+        self.uploads += 1
+        path = f"{advertiser_id}/{self.uploads}/{file.name}"
+        self.files[path] = (advertiser_id, file.contract, frozenset(lines))
+        return UploadedFile(path, file.contract, file.name, file.md5, file.rows)
+
+    async def update(
+        self,
+        advertiser_id: str,
+        audience_id: str,
+        file_paths: Sequence[str],
+        action: FileAction,
+        *,
+        paced: bool = True,
+    ) -> None:
+        self.tiktok.requests += 1
+        hashes: set[str] = set()
+        for path in file_paths:
+            adv, contract, held = self.files.get(path, ("", "EMAIL_SHA256", frozenset()))
+            if adv != advertiser_id or contract != "EMAIL_SHA256":
+                self.problems.append(f"update of {audience_id} with {path}: not an EMAIL_SHA256 file of {adv}")
+            hashes |= held
+        if action not in (FileAction.APPEND, FileAction.REMOVE) or (advertiser_id, audience_id) != FILE[1:]:
+            self.problems.append(f"update {action} of {advertiser_id}/{audience_id}")
+        tiktok = self.tiktok
+        for h in hashes:  # the fence: checked when the request starts, as for segment/mapping
+            tp = TopicPartition(SRC, partition_of(HASH_USER.get(h, "")))
+            if h in HASH_USER and tp in tiktok.fenced:
+                tiktok.fence_violations.append(f"file {action} with a user of revoked {tp}; {tiktok.history[-8:]}")
+        await self._answer_time()
+        mode = self.mode
+        if mode in ("ok", "upload_5xx", "lost"):
+            members = self.members.setdefault(audience_id, set())
+            if action is FileAction.APPEND:
+                members |= hashes
+            else:
+                members -= hashes
+        if mode in ("ok", "upload_5xx"):
+            self.updates[action.value] = self.updates.get(action.value, 0) + 1
+            return
+        self.updates[mode] = self.updates.get(mode, 0) + 1
+        raise TikTokApiError(FILE_AUDIENCE_UPDATE, _FILE_ANSWERS[mode])
+
+    async def _answer_time(self) -> None:
+        """A request is answered on the next loop turn, or when the mode stops being "hang"."""
+        self.inflight += 1
+        try:
+            await asyncio.sleep(0)
+            while self.mode == "hang":
+                await asyncio.sleep(0.002)
+        finally:
+            self.inflight -= 1
+
+    async def create(
+        self,
+        advertiser_id: str,
+        name: str,
+        contract: FileContract,
+        file_paths: Sequence[str],
+        *,
+        retention_in_days: int | None = None,
+    ) -> str:
+        raise NotImplementedError("the harness's file audience has an audience_id: nothing is created")
+
+    async def get(self, advertiser_id: str, audience_ids: Sequence[str]) -> list[FileAudience]:
+        raise NotImplementedError("the harness's file audience has an audience_id: nothing is looked up")
+
+
+_FILE_ANSWERS = {
+    "rate": Answer(classify(200, 40100), 200, 40100, "too frequent"),
+    "5xx": Answer(classify(500, 50000), 500, 50000, "internal error"),
+    "lost": Answer(Verdict.RETRY, None, None, "timeout: no answer in time"),  # TikTok applied it nonetheless
+    "gone": Answer(classify(200, 40910), 200, 40910, "file expired"),
+    "auth": Answer(classify(200, 40105), 200, 40105, "token"),
+    "refuse": Answer(classify(200, 40002), 200, 40002, "the audience would have fewer than 1,000 users"),
+    "deleted": Answer(classify(200, 40007), 200, 40007, "object does not exist"),
+    "permission": Answer(classify(200, 40001), 200, 40001, "no permission"),
+}
+
+
 class Dlq:
     """The dead-letter producer, writing into the in-memory broker; `down` refuses (retriable) until lifted."""
 
@@ -220,9 +360,13 @@ class Dlq:
 @dataclass
 class FakeStore:
     created: dict[str, float] = field(default_factory=dict)
+    ids: dict[tuple[str, str], str] = field(default_factory=dict)  # (advertiser, name) → id: read for file audiences
 
     def created_at(self, audience_id: str) -> float | None:
         return self.created.get(audience_id)
+
+    async def ensure_started(self) -> None:
+        """The audience store's start (reading its topic): nothing to read here."""
 
 
 class Creator:
