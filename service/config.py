@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
 
     audience_health_interval_s: float = Field(300.0, ge=0)  # 0 disables the audience health poll
 
+    # `refresh` only: the Prometheus Pushgateway its runs push their metrics to; unset, nothing is pushed.
+    refresh_pushgateway_url: str | None = None
+
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -134,6 +138,11 @@ class Settings(BaseSettings):
         if v is not None and not _AWS_REGION.fullmatch(v.strip()):
             raise ValueError("must be an AWS region such as us-east-1")
         return v.strip() if v is not None else None
+
+    @field_validator("refresh_pushgateway_url")
+    @classmethod
+    def _pushgateway(cls, v: str | None) -> str | None:
+        return None if v is None else check_pushgateway_url(v)
 
     @field_validator("kafka_bootstrap_servers", "source_topic", "consumer_group", "tiktok_api_url")
     @classmethod
@@ -182,6 +191,26 @@ class Settings(BaseSettings):
 
     def exit_names(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in self.exit_event_names.split(",") if n.strip())
+
+
+def check_pushgateway_url(text: str) -> str:
+    """A Pushgateway address: `http(s)://host[:port][/prefix]`, or `host[:port]` (http, as prometheus_client
+    assumes). ValueError otherwise, never quoting the value. No credentials in it: the URL may be printed."""
+    url = text.strip()
+    if not url:
+        raise ValueError("must not be empty")
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a URL (expected http://host:9091)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL of a Pushgateway, such as http://pushgateway:9091")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not supported")
+    if parts.query or parts.fragment:
+        raise ValueError("must have no query or fragment")
+    return url
 
 
 # librdkafka properties whose names contain an underscore: `_` → `.` would mangle them.

@@ -18,9 +18,11 @@ from prometheus_client import (
     GCCollector,
     Histogram,
     Info,
+    Metric,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -241,6 +243,71 @@ AUDIENCE_HEALTH_POLLED = Gauge(
     "Unix time of the last audience health poll that read every mapped audience.",
     registry=REGISTRY,
 )
+
+
+# `audience-sync refresh` runs (service/commands/refresh.py): a CLI run, a CronJob pod nobody scrapes, pushes these
+# to a Prometheus Pushgateway once at its end (REFRESH_PUSHGATEWAY_URL, --pushgateway) under the grouping key
+# job="audience-sync-refresh", audience_key=<mappings key>. Their own registry: they never appear on the service's
+# /metrics. Values of the last run; the only label is `status` (one of REFRESH_STATUSES).
+REFRESH_REGISTRY = CollectorRegistry(auto_describe=True)
+REFRESH_STATUSES = ("replaced", "created", "dry_run", "skipped", "refused", "failed")
+REFRESH_SUCCEEDED = frozenset({"replaced", "created"})  # the audience now holds exactly the snapshot
+REFRESH_LAST_RUN = Gauge(
+    P + "refresh_last_run_timestamp_seconds",
+    "Unix time at which the last refresh run of the audience key ended, whatever its outcome.",
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_LAST_SUCCESS_NAME = P + "refresh_last_success_timestamp_seconds"
+REFRESH_LAST_SUCCESS = Gauge(
+    REFRESH_LAST_SUCCESS_NAME,
+    "Unix time at which the last successful refresh (status replaced or created) of the audience key ended; "
+    "pushed only by a successful run, so a failed one leaves the previous value on the Pushgateway.",
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_LAST_STATUS = Gauge(
+    P + "refresh_last_status",
+    "1 for the status of the last refresh run (replaced, created, dry_run, skipped, refused, failed); one series.",
+    ["status"],
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_DURATION = Gauge(
+    P + "refresh_duration_seconds",
+    "How long the last refresh run took, reading, uploading and replacing included.",
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_IDENTIFIERS = Gauge(
+    P + "refresh_identifiers",
+    "Distinct identifiers of the entry's contract in the last run's snapshot: the size of the REPLACE when one "
+    "was applied (also given for a dry run or a refusal).",
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_FILES_UPLOADED = Gauge(
+    P + "refresh_files_uploaded",
+    "Identifier files the last refresh run uploaded to TikTok (0 for a dry run or a refusal).",
+    registry=REFRESH_REGISTRY,
+)
+REFRESH_SNAPSHOT_USERS = Gauge(
+    P + "refresh_snapshot_users",
+    "Users (rows, or current members of a compacted topic) the last refresh run read from its snapshot.",
+    registry=REFRESH_REGISTRY,
+)
+
+
+class _Without(Collector):
+    """The families of `registry` except those named in `names`."""
+
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str]) -> None:
+        self._registry = registry
+        self._names = frozenset(names)
+
+    def collect(self) -> Iterable[Metric]:
+        return [family for family in self._registry.collect() if family.name not in self._names]
+
+
+def refresh_push_collector(*, succeeded: bool) -> Collector:
+    """What a refresh run pushes: REFRESH_REGISTRY, without the last-success timestamp unless the run succeeded.
+    `pushadd_to_gateway` (POST) replaces only the families it sends, so a failed run keeps the last success's."""
+    return REFRESH_REGISTRY if succeeded else _Without(REFRESH_REGISTRY, [REFRESH_LAST_SUCCESS_NAME])
 
 
 def observe_many(histogram: Histogram, values: Iterable[float]) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka import TopicPartition as KTP
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
@@ -24,8 +26,8 @@ from service.devtools.sandbox import SandboxThread
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Set to 1 by .ci/run: a test needing an external tool (promtool, prometheus) then fails when it is missing
-# rather than skipping, so CI cannot go green without running it.
+# Set to 1 by .ci/run: a test needing an external tool (promtool, prometheus, prometheus-pushgateway) then fails
+# when it is missing rather than skipping, so CI cannot go green without running it.
 REQUIRE_TOOLS_ENV = "AUDIENCE_SYNC_REQUIRE_TOOLS"
 
 
@@ -43,6 +45,74 @@ def require_tool(name: str, install: str, *, always: bool = False) -> str:
         reason = "it comes with `make install`" if always else f"{REQUIRE_TOOLS_ENV} is set"
         pytest.fail(f"{why} (required: {reason})", pytrace=False)
     pytest.skip(f"{why} (set {REQUIRE_TOOLS_ENV}=1 to fail instead)")
+
+
+class Pushgateway:
+    """Debian's Prometheus Pushgateway on 127.0.0.1, in memory only (`--persistence.file=` empty: Debian's default
+    would write to /var/lib/prometheus)."""
+
+    def __init__(self, binary: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, f"--web.listen-address=127.0.0.1:{self.port}", "--persistence.file=", "--log.level=warn"],
+                stdout=out,
+                stderr=out,
+            )
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus-pushgateway exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def text(self) -> str:
+        """Its /metrics: every group pushed to it, plus its own metrics."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+            return bytes(r.read()).decode()
+
+    def samples(self, prefix: str) -> list[Sample]:
+        """The samples whose name starts with `prefix`, read back from /metrics with prometheus_client's parser."""
+
+        return [s for f in text_string_to_metric_families(self.text()) for s in f.samples if s.name.startswith(prefix)]
+
+    def pushes(self) -> int:
+        """POSTs it accepted (pushgateway_http_requests_total of the push handler, code 200)."""
+        labels = {"code": "200", "handler": "push", "method": "post"}
+        return int(sum(s.value for s in self.samples("pushgateway_http_requests_total") if s.labels == labels))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def pushgateway(tmp_path: Path) -> Iterator[Pushgateway]:
+    """A fresh Pushgateway per test (nothing pushed yet). Needs Debian's prometheus-pushgateway (.ci/run installs
+    it): missing, the test skips locally and fails under AUDIENCE_SYNC_REQUIRE_TOOLS."""
+    binary = require_tool(
+        "prometheus-pushgateway",
+        "install Debian's `prometheus-pushgateway` package (apt-get install -y prometheus-pushgateway)",
+    )
+    pg = Pushgateway(binary, tmp_path / "pushgateway.log")
+    try:
+        wait_until(pg.ready, 15, "prometheus-pushgateway to be ready", interval_s=0.1)
+        yield pg
+    finally:
+        pg.stop()
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,9 @@ def test_the_access_token_does_not_appear_in_settings_repr() -> None:
         (env(DEFAULT_ADVERTISER_ID="adv-1"), "DEFAULT_ADVERTISER_ID"),
         (env(MAPPINGS_FILE="/nonexistent/mappings.yaml"), "MAPPINGS_FILE"),
         (env(TIKTOK_ACCESS_TOKEN_FILE="/nonexistent/token"), "TIKTOK_ACCESS_TOKEN_FILE"),
+        (env(REFRESH_PUSHGATEWAY_URL="ftp://pushgateway:9091"), "REFRESH_PUSHGATEWAY_URL"),
+        (env(REFRESH_PUSHGATEWAY_URL="http://pushgateway:port"), "REFRESH_PUSHGATEWAY_URL"),
+        (env(REFRESH_PUSHGATEWAY_URL="   "), "REFRESH_PUSHGATEWAY_URL"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -278,6 +281,14 @@ def test_several_mistakes_are_reported_on_the_same_line() -> None:
 def test_error_messages_never_echo_the_rejected_secret() -> None:
     msg = config_error(env(TIKTOK_ACCESS_TOKEN="tok-should-not-leak", HTTP_PORT="tok-should-not-leak-either"))
     assert "tok-should-not-leak" not in msg
+
+
+def test_refresh_pushgateway_url_is_optional_and_never_echoes_credentials() -> None:
+    assert load_settings(env()).refresh_pushgateway_url is None, "unset: refresh pushes nothing"
+    for url in ("http://prometheus-pushgateway.monitoring:9091", "https://pg.example.com/push", "pushgateway:9091"):
+        assert load_settings(env(REFRESH_PUSHGATEWAY_URL=f" {url} ")).refresh_pushgateway_url == url
+    msg = config_error(env(REFRESH_PUSHGATEWAY_URL="http://admin:hunter2@pushgateway:9091"))
+    assert "REFRESH_PUSHGATEWAY_URL: credentials in the URL are not supported" in msg and "hunter2" not in msg
 
 
 def test_run_with_bad_config_exits_2_with_one_line() -> None:

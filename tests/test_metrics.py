@@ -1,6 +1,8 @@
 """Metric names and label sets are a contract with dashboards and alerts: changing one must be deliberate."""
 
-from prometheus_client import Metric
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Metric, generate_latest
 
 from service import metrics as m
 
@@ -82,9 +84,22 @@ BOUNDED_LABELS = {
 }
 
 
-def _declared() -> set[tuple[str, str, tuple[str, ...]]]:
+# `audience-sync refresh` runs, pushed to a Pushgateway (service/commands/refresh.py), never on the service's
+# /metrics: their own registry. The grouping key adds job and audience_key; the only label of their own is `status`.
+EXPECTED_REFRESH = {
+    ("audience_sync_refresh_last_run_timestamp_seconds", "gauge", ()),
+    ("audience_sync_refresh_last_success_timestamp_seconds", "gauge", ()),
+    ("audience_sync_refresh_last_status", "gauge", ("status",)),
+    ("audience_sync_refresh_duration_seconds", "gauge", ()),
+    ("audience_sync_refresh_identifiers", "gauge", ()),
+    ("audience_sync_refresh_files_uploaded", "gauge", ()),
+    ("audience_sync_refresh_snapshot_users", "gauge", ()),
+}
+
+
+def _declared(registry: CollectorRegistry = m.REGISTRY) -> set[tuple[str, str, tuple[str, ...]]]:
     out = set()
-    for collector in list(m.REGISTRY._collector_to_names):
+    for collector in list(registry._collector_to_names):
         name = getattr(collector, "_name", "")
         if name.startswith("audience_sync_"):
             labels = tuple(collector._labelnames)
@@ -112,6 +127,23 @@ def test_only_the_audience_health_gauges_name_an_audience_and_only_by_its_mappin
             assert not set(labels) & MAPPINGS_BOUNDED_LABELS, name
     all_labels = {label for _, _, ls in EXPECTED for label in ls}
     assert not all_labels & {"user", "email", "phone", "audience", "audience_id", "advertiser"}
+
+
+def test_refresh_metrics_are_stable_and_only_in_their_own_registry() -> None:
+    assert _declared(m.REFRESH_REGISTRY) == EXPECTED_REFRESH
+    assert all(name.startswith("audience_sync_refresh_") for name, _, _ in EXPECTED_REFRESH)
+    assert "audience_sync_refresh_" not in generate_latest(m.REGISTRY).decode(), "never on the service's /metrics"
+    assert not {name for name, _, _ in EXPECTED} & {name for name, _, _ in EXPECTED_REFRESH}
+    assert set(m.REFRESH_SUCCEEDED) < set(m.REFRESH_STATUSES)
+
+
+def test_a_failed_refresh_pushes_everything_but_the_last_success() -> None:
+    def names(collector: Any) -> set[str]:
+        return {family.name for family in collector.collect()}
+
+    everything = names(m.REFRESH_REGISTRY)
+    assert names(m.refresh_push_collector(succeeded=True)) == everything
+    assert names(m.refresh_push_collector(succeeded=False)) == everything - {m.REFRESH_LAST_SUCCESS_NAME}
 
 
 def test_exposition_uses_base_units_and_total_suffixes() -> None:

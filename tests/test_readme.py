@@ -18,8 +18,9 @@ def test_every_environment_variable_is_in_the_configuration_table() -> None:
 
 
 def test_every_metric_is_in_the_metrics_list() -> None:
+    """The service's metrics and those `refresh` pushes to a Pushgateway (README "Refresh runs (Pushgateway)")."""
     names = set()
-    for family in m.REGISTRY.collect():
+    for family in [*m.REGISTRY.collect(), *m.REFRESH_REGISTRY.collect()]:
         if family.name.startswith("audience_sync_"):
             suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
             names.add(family.name + suffix)

@@ -32,6 +32,12 @@ Refusals, before any TikTok call:
 `--dry-run` reads and counts only: no TikTok call at all. Exit codes: 0 done (or dry run, or skipped), 1 refused by
 the 1,000 rule or failed (TikTok, Kafka), 2 usage or configuration. Reads the same environment as `run`. Counts
 only are printed: never an identifier, hashed or raw, nor the token.
+
+Metrics: with `--pushgateway URL` (or REFRESH_PUSHGATEWAY_URL) the run pushes its outcome, counts and times
+(service/metrics.py REFRESH_REGISTRY) to that Prometheus Pushgateway once, at its end, whatever the outcome, under
+job="audience-sync-refresh" and audience_key=KEY, with POST (a failed run leaves the last success's timestamp in
+place). A run stopped before its mappings entry is known (usage, configuration, unknown key) pushes nothing. A
+failed push is one warning on stderr: the exit code and the summary stay as they were.
 """
 
 from __future__ import annotations
@@ -47,11 +53,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.error import HTTPError, URLError
 
 import orjson
 from confluent_kafka import KafkaException
+from prometheus_client import pushadd_to_gateway
 
-from service.config import ConfigError, Settings, TokenSource, client_config
+from service import metrics as m
+from service.config import ConfigError, Settings, TokenSource, check_pushgateway_url, client_config
 from service.core.answers import Verdict
 from service.core.customer_files import (
     MAX_FILE_BYTES,
@@ -93,6 +102,10 @@ STREAM_REFUSAL: Final = (
     "it sent (at 10M users one would take about 0.5-1 GB and drift from TikTok's state after any crash), so it "
     "cannot work out who is missing from a snapshot."
 )
+
+# The Pushgateway grouping key: this job, and the audience key (a mappings entry, so the series are bounded).
+PUSH_JOB: Final = "audience-sync-refresh"
+PUSH_TIMEOUT_S: Final = 10.0
 
 T = TypeVar("T")
 
@@ -140,6 +153,13 @@ def _file_bytes(text: str) -> int:
     return value
 
 
+def _pushgateway(text: str) -> str:
+    try:
+        return check_pushgateway_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--pushgateway: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--audience-key", required=True, help="the mappings entry to refresh (must be mode: file)")
@@ -165,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_file_bytes,
         default=MAX_FILE_BYTES,
         help=f"split files at this size [{MAX_FILE_BYTES:,}, TikTok's 50 MB]",
+    )
+    p.add_argument(
+        "--pushgateway",
+        type=_pushgateway,
+        metavar="URL",
+        help="push the run's metrics to this Prometheus Pushgateway at its end [REFRESH_PUSHGATEWAY_URL; unset: none]",
     )
     return p
 
@@ -195,6 +221,7 @@ class Summary:
     size_before: int | None = None
     error: str | None = None
     seconds: float = 0.0
+    entry_found: bool = False  # the key is a mappings entry: the run began (not in the document)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -513,6 +540,7 @@ def _entry(settings: Settings, key: str) -> AudienceMapping:
 def refresh(settings: Settings, environ: Mapping[str, str], args: Any, summary: Summary, progress: Progress) -> int:
     key: str = args.audience_key
     entry = _entry(settings, key)
+    summary.entry_found = True
     summary.mode = entry.mode
     if not entry.is_file:
         raise Stop(2, "refused", STREAM_REFUSAL.format(key=key))
@@ -556,6 +584,53 @@ def refresh(settings: Settings, environ: Mapping[str, str], args: Any, summary: 
     return 0
 
 
+# -- metrics --------------------------------------------------------------------------------------------------
+
+
+def push_metrics(url: str, summary: Summary, ended: float | None = None) -> str | None:
+    """Push the run's metrics to the Pushgateway at `url`: POST (`pushadd_to_gateway`), which replaces only the
+    families sent, under job=PUSH_JOB and audience_key. The last-success timestamp goes only with a success, so a
+    failed run keeps the previous one. None once pushed, else why not in one line, safe to print (counts and times
+    only; the labels are the audience key and the status)."""
+    now = time.time() if ended is None else ended
+    succeeded = summary.status in m.REFRESH_SUCCEEDED
+    m.REFRESH_LAST_RUN.set(now)
+    if succeeded:
+        m.REFRESH_LAST_SUCCESS.set(now)
+    m.REFRESH_LAST_STATUS.clear()
+    m.REFRESH_LAST_STATUS.labels(status=summary.status).set(1)
+    m.REFRESH_DURATION.set(summary.seconds)
+    m.REFRESH_IDENTIFIERS.set(summary.identifiers)
+    m.REFRESH_FILES_UPLOADED.set(summary.uploaded)
+    users = summary.plan.get("users", 0)
+    m.REFRESH_SNAPSHOT_USERS.set(users if isinstance(users, int) else 0)
+    try:
+        pushadd_to_gateway(
+            url,
+            job=PUSH_JOB,
+            registry=m.refresh_push_collector(succeeded=succeeded),
+            grouping_key={"audience_key": summary.audience_key},
+            timeout=PUSH_TIMEOUT_S,
+        )
+    except HTTPError as exc:
+        body = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
+        return " ".join(f"HTTP {exc.code} {exc.reason} {body}".split())[:300]
+    except URLError as exc:
+        return str(exc.reason)
+    except Exception as exc:  # whatever the push met, the run's outcome stands
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def _push(url: str | None, summary: Summary) -> None:
+    """Push once the run began (its key is a mappings entry); a failure is one warning, nothing else changes."""
+    if url is None or not summary.entry_found:
+        return
+    problem = push_metrics(url, summary)
+    if problem is not None:
+        print(f"{PROG}: warning: metrics not pushed to the Pushgateway at {url}: {problem}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.idle_timeout <= 0:
@@ -564,8 +639,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     started = time.monotonic()
     summary = Summary(args.audience_key, str(args.source), args.dry_run)
     progress = Progress(not args.no_progress)
+    pushgateway: str | None = args.pushgateway
     try:
         settings = tool_settings(env, need_token=not args.dry_run)
+        pushgateway = pushgateway or settings.refresh_pushgateway_url
         rc = refresh(settings, env, args, summary, progress)
     except ConfigError as exc:
         return fail(PROG, str(exc))
@@ -585,8 +662,14 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         summary.status = "failed"
         summary.error = f"timed out: {exc}"
         rc = 1
+    except Exception:  # unforeseen: still a failed run on the Pushgateway, then the traceback as before
+        summary.status = "failed"
+        summary.seconds = time.monotonic() - started
+        _push(pushgateway, summary)
+        raise
     summary.seconds = time.monotonic() - started
     sys.stdout.write((orjson.dumps(summary.document()).decode() if args.json else summary.table()) + "\n")
     if summary.error:
         print(f"{PROG}: {summary.error}", file=sys.stderr)
+    _push(pushgateway, summary)
     return rc

@@ -1,6 +1,7 @@
 """`audience-sync refresh` against the real sandbox over HTTP on 127.0.0.1 (and the real broker, tansu, for the
 compacted-topic source and the audience store): the audience ends with exactly the snapshot's members, a dry run
-and every refusal make no TikTok write call, and only the entry's contract is sent."""
+and every refusal make no TikTok write call, and only the entry's contract is sent. A run's metrics go to a real
+Pushgateway (Debian's prometheus-pushgateway) and are read back from it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,12 +19,14 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from prometheus_client import generate_latest
 
+from service import metrics
 from service.commands.refresh import main, parse_source
-from service.devtools.broker import LocalBroker
+from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sandbox import SandboxThread
 from service.devtools.sandbox.state import FilePart
-from tests.conftest import ROOT, produce, read_all
+from tests.conftest import ROOT, Pushgateway, produce, read_all
 
 ADV = "7654321098765432109"
 TOKEN = "sandbox-token-refresh"
@@ -424,3 +428,186 @@ def test_transient_errors_are_retried_and_expired_files_uploaded_again(
     assert [r["status"] for r in uploads] == [503, 200, 200, 200, 200]
     assert [r["code"] for r in updates] == [40905, 50000, 0]
     assert doc["files"] == 2 and doc["files_uploaded"] == 2 and "retrying" in err
+
+
+# -- metrics of the run, pushed to a real Pushgateway (Debian's prometheus-pushgateway) --------------------------
+
+REFRESH = "audience_sync_refresh_"
+GROUP = {"job": "audience-sync-refresh", "audience_key": "crm"}
+
+
+def pushed(pg: Pushgateway) -> dict[tuple[str, str | None], float]:
+    """The refresh metrics on the Pushgateway, read back with prometheus_client's parser: (name, status label) →
+    value; every series carries exactly the grouping key's labels (and the Pushgateway's empty `instance`)."""
+    out: dict[tuple[str, str | None], float] = {}
+    for s in pg.samples(REFRESH):
+        labels = dict(s.labels)
+        status = labels.pop("status", None)
+        assert labels == {**GROUP, "instance": ""}, s
+        assert (s.name, status) not in out, s
+        out[(s.name, status)] = s.value
+    return out
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
+    """`python -m service refresh --json` as its own process, as a CronJob runs it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "service", "refresh", "--json", "--no-progress", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert TOKEN not in res.stdout + res.stderr
+    return res.returncode, json.loads(res.stdout), res.stderr
+
+
+def statuses(got: dict[tuple[str, str | None], float]) -> dict[str, float]:
+    return {status: v for (name, status), v in got.items() if name == REFRESH + "last_status" and status}
+
+
+def test_a_successful_refresh_pushes_its_metrics(
+    sandbox: SandboxThread,
+    refresh_env: RefreshEnv,
+    pushgateway: Pushgateway,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    aid = file_audience(sandbox, "EMAIL_SHA256", [sha(e) for e in emails("old", 1200)])
+    users = emails("new", 1250)
+    path = write_csv(tmp_path, "email\n" + "\n".join(users + users[:50] + ["not-an-email"]) + "\n")  # 1250 distinct
+    env = refresh_env({"crm": crm_entry(aid)}, REFRESH_PUSHGATEWAY_URL=pushgateway.url)
+    before = time.time()
+    rc, doc, err = run(capsys, env, "--audience-key", "crm", "--from", str(path), "--max-file-bytes", str(65 * 500))
+    after = time.time()
+    assert rc == 0 and doc["status"] == "replaced", (doc, err)
+    assert "warning" not in err
+
+    got = pushed(pushgateway)
+    assert statuses(got) == {"replaced": 1.0}, "one status series, the run's"
+    success = got[(REFRESH + "last_success_timestamp_seconds", None)]
+    assert before <= success <= after and got[(REFRESH + "last_run_timestamp_seconds", None)] == success
+    assert got[(REFRESH + "identifiers", None)] == doc["identifiers"] == 1250
+    assert got[(REFRESH + "files_uploaded", None)] == doc["files_uploaded"] == 3
+    assert got[(REFRESH + "snapshot_users", None)] == doc["plan"]["users"] == 1301
+    duration = got[(REFRESH + "duration_seconds", None)]
+    assert 0 < duration <= after - before and round(duration, 3) == doc["seconds"]
+    assert pushgateway.pushes() == 1, "exactly one push per run"
+    # The service's own /metrics never shows them: they live in their own registry.
+    assert REFRESH not in generate_latest(metrics.REGISTRY).decode()
+
+
+def test_a_refused_run_pushes_its_status_and_keeps_the_last_success(
+    sandbox: SandboxThread,
+    refresh_env: RefreshEnv,
+    pushgateway: Pushgateway,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    aid = file_audience(sandbox, "EMAIL_SHA256", [sha(e) for e in emails("old", 1200)])
+    good = write_csv(tmp_path, "email\n" + "\n".join(emails("new", 1100)) + "\n", "good.csv")
+    small = write_csv(tmp_path, "email\n" + "\n".join(emails("new", 999)) + "\n", "small.csv")
+    # The flag wins over REFRESH_PUSHGATEWAY_URL (here a closed port).
+    env = refresh_env({"crm": crm_entry(aid)}, REFRESH_PUSHGATEWAY_URL="http://127.0.0.1:9")
+    flag = ["--pushgateway", pushgateway.url]
+    rc, doc, err = run(capsys, env, "--audience-key", "crm", "--from", str(good), *flag)
+    assert rc == 0 and doc["status"] == "replaced" and "warning" not in err, (doc, err)
+    success = pushed(pushgateway)[(REFRESH + "last_success_timestamp_seconds", None)]
+
+    # The later runs in a process of their own, as each CronJob run is: nothing of the success is left in memory.
+    rc, doc, err = cli(env, "--audience-key", "crm", "--from", str(small), *flag)
+    assert rc == 1 and doc["status"] == "refused" and "warning" not in err, err
+    got = pushed(pushgateway)
+    assert statuses(got) == {"refused": 1.0}, "the family is replaced: no series of the earlier status is left"
+    assert got[(REFRESH + "last_success_timestamp_seconds", None)] == success, "the previous success stands"
+    assert got[(REFRESH + "last_run_timestamp_seconds", None)] > success
+    assert got[(REFRESH + "identifiers", None)] == 999 and got[(REFRESH + "files_uploaded", None)] == 0
+
+    # A dry run and a TikTok failure push their status too, and leave the success alone.
+    rc, doc, _ = cli(env, "--audience-key", "crm", "--from", str(good), "--dry-run", *flag)
+    assert rc == 0 and statuses(pushed(pushgateway)) == {"dry_run": 1.0}
+    revoked = {**env, "TIKTOK_ACCESS_TOKEN": "revoked-token"}
+    rc, doc, err = cli(revoked, "--audience-key", "crm", "--from", str(good), *flag)
+    assert rc == 1 and doc["status"] == "failed" and "revoked-token" not in err
+    got = pushed(pushgateway)
+    assert statuses(got) == {"failed": 1.0} and got[(REFRESH + "last_success_timestamp_seconds", None)] == success
+    assert pushgateway.pushes() == 4, "one push per run"
+    assert len(members(sandbox, aid)["EMAIL_SHA256"]) == 1100
+
+
+def test_usage_errors_push_nothing(
+    refresh_env: RefreshEnv, pushgateway: Pushgateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path, "email\n" + "\n".join(emails("u", 1000)) + "\n")
+    env = refresh_env({"crm": crm_entry("555")}, REFRESH_PUSHGATEWAY_URL=pushgateway.url)
+    for argv in (
+        ["--audience-key", "crm", "--from", "members.parquet"],
+        ["--audience-key", "crm", "--from", str(path), "--pushgateway", "ftp://x"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv, env)
+        assert info.value.code == 2
+    assert "--pushgateway: must be an http:// or https:// URL" in capsys.readouterr().err
+    assert main(["--audience-key", "nope", "--from", str(path)], env) == 2
+    assert main(["--audience-key", "crm", "--from", str(path), "--idle-timeout", "0"], env) == 2
+    no_mappings = {k: v for k, v in env.items() if k != "MAPPINGS_FILE"}
+    assert main(["--audience-key", "crm", "--from", str(path)], no_mappings) == 2
+    bad_setting = {**env, "RETRY_BASE_S": "soon"}
+    assert main(["--audience-key", "crm", "--from", str(path)], bad_setting) == 2
+    bad_url = {**env, "REFRESH_PUSHGATEWAY_URL": "http://user:secret@pushgateway:9091"}
+    assert main(["--audience-key", "crm", "--from", str(path)], bad_url) == 2
+    err = capsys.readouterr().err
+    assert "REFRESH_PUSHGATEWAY_URL: credentials in the URL are not supported" in err and "secret" not in err
+    assert pushgateway.samples(REFRESH) == [] and pushgateway.pushes() == 0
+
+
+def test_an_unreachable_pushgateway_warns_and_changes_nothing(
+    sandbox: SandboxThread, refresh_env: RefreshEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    aid = file_audience(sandbox, "EMAIL_SHA256", [sha(e) for e in emails("old", 1200)])
+    good = write_csv(tmp_path, "email\n" + "\n".join(emails("new", 1100)) + "\n", "good.csv")
+    small = write_csv(tmp_path, "email\n" + "\n".join(emails("new", 999)) + "\n", "small.csv")
+    env = refresh_env({"crm": crm_entry(aid)})
+    closed = {**env, "REFRESH_PUSHGATEWAY_URL": f"http://127.0.0.1:{free_port()}"}
+    not_a_pushgateway = {**env, "REFRESH_PUSHGATEWAY_URL": sandbox.url}  # answers the push with an HTTP error
+    for source, extra, want in ((good, ["--dry-run"], 0), (small, [], 1)):
+        rc, expected, err = run(capsys, env, "--audience-key", "crm", "--from", str(source), *extra)
+        assert rc == want and "warning" not in err
+        for bad in (closed, not_a_pushgateway):
+            rc, doc, err = run(capsys, bad, "--audience-key", "crm", "--from", str(source), *extra)
+            assert rc == want, err
+            assert {**doc, "seconds": 0} == {**expected, "seconds": 0}, "the summary does not change"
+            warnings = [line for line in err.splitlines() if "warning" in line]
+            assert len(warnings) == 1 and "metrics not pushed to the Pushgateway at http://127.0.0.1:" in warnings[0]
+    rc, doc, err = run(capsys, closed, "--audience-key", "crm", "--from", str(good), "--json")
+    assert rc == 0 and doc["status"] == "replaced" and "Connection refused" in err
+    assert members(sandbox, aid) == {"EMAIL_SHA256": {sha(e) for e in emails("new", 1100)}}
+
+
+def test_nothing_pushed_names_a_user_or_the_token(
+    sandbox: SandboxThread,
+    refresh_env: RefreshEnv,
+    pushgateway: Pushgateway,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    aid = file_audience(sandbox, "EMAIL_SHA256", [sha(e) for e in emails("old", 1000)])
+    raw = emails("secret", 1100)
+    prehashed = [sha(e) for e in emails("hashed", 100)]
+    path = write_csv(
+        tmp_path, "email,EMAIL_SHA256\n" + "\n".join([f"{e}," for e in raw] + [f",{h}" for h in prehashed])
+    )
+    env = refresh_env({"crm": crm_entry(aid)}, REFRESH_PUSHGATEWAY_URL=pushgateway.url)
+    rc, doc, _ = run(capsys, env, "--audience-key", "crm", "--from", str(path))
+    assert rc == 0 and doc["identifiers"] == 1200
+    rc, _, _ = run(
+        capsys, {**env, "TIKTOK_ACCESS_TOKEN": "revoked-token"}, "--audience-key", "crm", "--from", str(path)
+    )
+    assert rc == 1 and pushgateway.pushes() == 2
+    text = pushgateway.text()
+    assert REFRESH + "identifiers" in text
+    for secret in (TOKEN, "revoked-token", *raw, *(sha(e) for e in raw), *prehashed, "@example.com"):
+        assert secret not in text
+    labels = {k for s in pushgateway.samples(REFRESH) for k in s.labels}
+    assert labels <= {"job", "audience_key", "instance", "status"}

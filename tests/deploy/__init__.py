@@ -67,6 +67,14 @@ def exported_metric_names() -> set[str]:
     return names
 
 
+def pushed_metric_names() -> set[str]:
+    """The series `audience-sync refresh` pushes to a Pushgateway (service/metrics.py REFRESH_REGISTRY): no scrape of
+    the service shows them, a Prometheus scraping the Pushgateway does (README "Refresh runs (Pushgateway)")."""
+    from service.metrics import REFRESH_REGISTRY
+
+    return {family.name for family in REFRESH_REGISTRY.collect()}
+
+
 def metric_names_in(expr: str) -> set[str]:
     """The project's metric names a PromQL expression mentions."""
     return set(_METRIC_RE.findall(expr))

@@ -37,6 +37,7 @@ from . import (
     load_yaml,
     load_yaml_all,
     metric_names_in,
+    pushed_metric_names,
 )
 from .crd_schemas import SCHEMAS, crd_errors, crd_schema, schema_file
 
@@ -437,6 +438,20 @@ def test_refresh_cronjob_runs_refresh_like_the_deployment() -> None:
     assert parsed.source.kind in ("kafka", "csv")
 
 
+def test_refresh_cronjob_pushes_its_metrics_to_a_pushgateway() -> None:
+    """Its own env: names the code reads, and a Pushgateway URL the setting accepts (an example the operator
+    adjusts); never the token."""
+    from service.config import check_pushgateway_url
+
+    (c,) = refresh_cronjob()["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c.get("env", [])}
+    assert all(allowed_env_name(name) for name in env), sorted(env)
+    assert "TIKTOK_ACCESS_TOKEN" not in env
+    url = env["REFRESH_PUSHGATEWAY_URL"]["value"]
+    assert check_pushgateway_url(url) == url
+    assert "REFRESH_PUSHGATEWAY_URL" not in env_configmap(), "the consumer's environment does not need it"
+
+
 def test_refresh_pods_are_neither_scraped_nor_in_the_pdb() -> None:
     """The Service (scraped by the ServiceMonitor) and the PDB select the consumer's pods only: a refresh pod
     behind the Service would be a target that never answers, and in the PDB it would count against the consumers."""
@@ -709,13 +724,18 @@ def dashboard_exprs(dash: dict[str, Any]) -> list[str]:
 
 
 def test_dashboard_uses_only_exported_metrics() -> None:
+    """The service's metrics, and in the refresh panels those `refresh` pushes to a Pushgateway; those panels
+    neither mix the two nor select `$job` (the pushed job is audience-sync-refresh, or the Pushgateway's own without
+    honor_labels)."""
     dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    exported = exported_metric_names()
+    exported, pushed = exported_metric_names(), pushed_metric_names()
     used: set[str] = set()
     for expr in dashboard_exprs(dash):
         names = metric_names_in(expr)
         assert names, f"no audience_sync metric in {expr!r}"
-        assert names <= exported, f"unknown metrics {sorted(names - exported)} in {expr!r}"
+        assert names <= exported or names <= pushed, f"unknown or mixed metrics {sorted(names - exported)} in {expr!r}"
+        if names <= pushed:
+            assert "$job" not in expr, expr
         used |= names
     wanted = {
         "audience_sync_events_consumed_total",
@@ -735,6 +755,12 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         "audience_sync_auth_ok",
     }
     assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
+    refresh = {
+        "audience_sync_refresh_last_success_timestamp_seconds",
+        "audience_sync_refresh_last_status",
+        "audience_sync_refresh_identifiers",
+    }
+    assert refresh <= used, f"refresh panels missing for {sorted(refresh - used)}"
 
 
 def test_dashboard_structure() -> None:

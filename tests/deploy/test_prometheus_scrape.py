@@ -9,7 +9,9 @@ The dashboard is checked for real: every panel expression is parsed by Prometheu
 rules` on a generated file holding each one as a recording rule), and every panel returns data from the running
 Prometheus after traffic that moves it, faults included (a rate-limited answer, dead letters, skipped records,
 invalid identifiers, a superseded event), and events of a file audience (`mode: file`: uploaded files, APPEND and
-REMOVE updates), since a panel that can never show data is a broken panel.
+REMOVE updates), since a panel that can never show data is a broken panel. The Refresh runs panels read what
+`audience-sync refresh` pushes to a Pushgateway: that test also runs Debian's prometheus-pushgateway, scraped with
+honor_labels as a production Prometheus would, and a real refresh pushing to it.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import pytest
 import yaml
 from confluent_kafka import Consumer
 
+from service.commands.refresh import main as refresh_main
 from service.devtools.broker import LocalBroker, free_port
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
 from service.devtools.sandbox import SandboxThread
 from service.devtools.sandbox.state import FilePart
 
-from ..conftest import ServiceProcess, Topics, produce, require_tool, wait_until
+from ..conftest import Pushgateway, ServiceProcess, Topics, produce, require_tool, wait_until
 from . import ALERTS, DASHBOARD, PROMETHEUS_YML, alert_rules, load_yaml
 from .test_alert_rules import run_promtool
 
@@ -123,14 +126,23 @@ def sandbox() -> Iterator[SandboxThread]:
         yield s
 
 
-def scrape_config(service_port: int) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml, pointed at this machine and made fast."""
+def scrape_config(service_port: int, pushgateway_port: int | None = None) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml, pointed at this machine and made fast; with a Pushgateway, that too, with
+    honor_labels (README "Refresh runs (Pushgateway)")."""
     conf: dict[str, Any] = load_yaml(PROMETHEUS_YML)
     conf["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
     conf["rule_files"] = [str(ALERTS)]
     (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "audience-sync"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
     conf["scrape_configs"] = [job]
+    if pushgateway_port is not None:
+        conf["scrape_configs"].append(
+            {
+                "job_name": "pushgateway",
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{pushgateway_port}"]}],
+            }
+        )
     return conf
 
 
@@ -291,7 +303,7 @@ def email_hash(email: str) -> str:
     return hashlib.sha256(email.encode()).hexdigest()
 
 
-def seed_file_audience(sandbox: SandboxThread) -> str:
+def seed_file_audience(sandbox: SandboxThread, name: str = FILE_KEY) -> str:
     """A customer-file audience of FILE_SEED email hashes, made through the sandbox's own upload and create."""
     content = "".join(email_hash(f"seed-{i}@example.com") + "\n" for i in range(FILE_SEED)).encode()
     path = sandbox.state.upload_file(
@@ -305,7 +317,7 @@ def seed_file_audience(sandbox: SandboxThread) -> str:
     created = sandbox.state.create_file_audience(
         {
             "advertiser_id": ADVERTISER_ID,
-            "custom_audience_name": FILE_KEY,
+            "custom_audience_name": name,
             "calculate_type": "EMAIL_SHA256",
             "file_paths": [path],
         }
@@ -360,6 +372,27 @@ def file_records(wave: int) -> list[tuple[bytes, bytes]]:
         )
         for user, email, action in changes
     ]
+
+
+# The Refresh runs panels: a real `audience-sync refresh` of a customer-file audience of its own (outside the
+# service's mappings file, so the audience health panels do not change) pushes to the Pushgateway.
+REFRESH_KEY = "dash_refresh"
+REFRESH_USERS = 1200
+
+
+def refresh_pushing_to(
+    pushgateway: Pushgateway, sandbox: SandboxThread, env: Mapping[str, str], tmp_path: Path
+) -> None:
+    audience_id = seed_file_audience(sandbox, REFRESH_KEY)
+    mappings = tmp_path / "refresh-mappings.yaml"
+    entry = {"advertiser_id": ADVERTISER_ID, "audience_id": audience_id, "mode": "file", "id_types": ["EMAIL_SHA256"]}
+    mappings.write_text(json.dumps({"audiences": {REFRESH_KEY: entry}}))
+    snapshot = tmp_path / "refresh.csv"
+    snapshot.write_text("email\n" + "".join(f"refresh-{i}@example.com\n" for i in range(REFRESH_USERS)))
+    refresh_env = {**env, "MAPPINGS_FILE": str(mappings), "REFRESH_PUSHGATEWAY_URL": pushgateway.url}
+    args = ["--audience-key", REFRESH_KEY, "--from", f"csv:{snapshot}", "--json", "--no-progress"]
+    assert refresh_main(args, refresh_env) == 0
+    assert pushgateway.pushes() == 1
 
 
 WAVES = 2
@@ -417,6 +450,7 @@ def test_every_dashboard_panel_shows_data_after_traffic_that_moves_it(
     sandbox: SandboxThread,
     service_env: Callable[..., dict[str, str]],
     services: Callable[[dict[str, str]], ServiceProcess],
+    pushgateway: Pushgateway,
 ) -> None:
     started = time.monotonic()
     mappings = tmp_path / "mappings.yaml"
@@ -430,13 +464,25 @@ def test_every_dashboard_panel_shows_data_after_traffic_that_moves_it(
     )
     svc = services(env)
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(svc.port)))
+    config.write_text(yaml.safe_dump(scrape_config(svc.port, pushgateway.port)))
     prom = Prometheus(prometheus_binary, config, tmp_path / "tsdb", tmp_path / "prometheus.log")
     try:
         wait_until(prom.ready, 20, "prometheus to be ready")
         since = time.time()
+        refresh_pushing_to(pushgateway, sandbox, env, tmp_path)
         wait_until(lambda: svc.http_status("/readyz") == 200, 30, f"service ready; log: {svc.log()}")
         wait_until(lambda: prom.value('up{job="audience-sync"}') == 1.0, 15, "target up", interval_s=0.5)
+        wait_until(
+            lambda: (
+                prom.value(
+                    f'audience_sync_refresh_identifiers{{job="audience-sync-refresh",audience_key="{REFRESH_KEY}"}}'
+                )
+                == REFRESH_USERS
+            ),
+            15,
+            "Prometheus to see the refresh's push on the Pushgateway",
+            interval_s=0.5,
+        )
         for wave in range(WAVES):
             # The wave's first mapping request is rate-limited: retries, the lowered QPS limit, TikTok's codes.
             sandbox.set_faults([{"kind": "code", "code": 40100, "count": 1}])
