@@ -8,7 +8,9 @@ requests: under TikTok's request budget that multiplied latency and shrank reque
 
 TikTok's membership state is per (audience, identifier type, hash) cell, so ordering is kept per cell:
 - a newer change for a pending cell replaces the older one wherever it waits (net change, also across the add
-  and delete buffers), and the older record is finished as superseded;
+  and delete buffers), and the older record is finished as superseded; "newer" is the later offset when both
+  records come from one partition (an older record routed again after a dead-letter hold loses to the newer one
+  already waiting), else the later added;
 - a row is never sent while any of its cells is in a request still in flight; it waits, set aside from its
   buffer's linger clock, until that request has a final outcome (uploaded or dead-lettered). So an add and a
   delete for one user and audience are never in flight together, and TikTok ends in the state of the last
@@ -176,10 +178,25 @@ class Batcher:
         else:
             keys = tuple([(adv, aud, t, h) for t, h in ids])
         if pending:
+            stale: list[CellKey] = []
             for ck in keys:
                 old = pending.get(ck)
-                if old is not None and self._drop_cell(old, ck[2]):
+                if old is None:
+                    continue
+                o = old.ref
+                if o.offset > ref.offset and o.partition == ref.partition and o.topic == ref.topic:
+                    stale.append(ck)  # a newer record of this partition waits for the cell: it keeps it
+                elif self._drop_cell(old, ck[2]):
                     superseded.append(old)
+            if stale:
+                # An older record routed again (after a dead-letter hold) must not undo a newer one: its stale cells
+                # are superseded at once, and with none left the whole record is.
+                keys = tuple([ck for ck in keys if ck not in stale])
+                if not keys:
+                    superseded.append(Row(ref, change, {}, self._clock(), (), 0, source))
+                    return superseded
+                ids = tuple([(ck[2], ck[3]) for ck in keys])
+                change = change._replace(identifiers=ids)
         key: BatchKey = (adv, change.action)
         buf = self._buffers.get(key)
         if buf is None:

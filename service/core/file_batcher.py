@@ -14,7 +14,9 @@ Invariants (tests/core/test_file_batcher.py, including a state machine):
 - a buffer is ready when its users reach the entry's `max_rows`, its oldest record has waited `interval_s`,
   or the caller forces it (drain, revoke) or signals pressure (tracked records near the consumer's bound);
 - `drop_partitions` forgets the buffered records of revoked partitions and nets the rest again, so no user
-  keeps an action that only a revoked record gave it.
+  keeps an action that only a revoked record gave it;
+- last action wins by offset within a partition: a record added after a newer one of its partition (an older
+  record routed again after a dead-letter hold) takes the newer one's action instead of undoing it.
 
 Memory: each buffered record is also tracked in the ledger, whose bound (`MAX_PENDING_EVENTS`) pauses
 consumption; the pressure trigger cuts buffers before that bound is reached, so a long interval never stalls
@@ -119,6 +121,7 @@ class _Buffer:
     interval_s: float | None = None
     max_rows: int | None = None
     rows: list[FileRow] = field(default_factory=list)  # the records of `net`, in order (for revokes)
+    newest: dict[tuple[IdType, str], FileRow] = field(default_factory=dict)  # per identifier, of `rows`
 
 
 class FileBatcher:
@@ -161,9 +164,11 @@ class FileBatcher:
         buf.audience_name = change.audience_name
         buf.interval_s = change.interval_s
         buf.max_rows = change.max_rows
+        change = _newest_wins(buf.newest, ref, change)
         row = FileRow(ref, change, self._clock(), source)
         buf.net.record(change.action, change.identifiers, row)
         buf.rows.append(row)
+        _note_newest(buf.newest, row)
         self.pending_rows += 1
         return row
 
@@ -198,6 +203,7 @@ class FileBatcher:
         net = buf.net.drain()
         self.pending_rows -= len(buf.rows)
         buf.rows = []
+        buf.newest = {}
         self._out.add(buf.key)
         return FileBatch(next(self._ids), buf.key, buf.audience_id, buf.audience_name, net, trigger)
 
@@ -269,9 +275,11 @@ class FileBatcher:
                 continue
             dropped += gone
             net: NetChanges[FileRow] = NetChanges([buf.key[2]], max_users=sys.maxsize, max_records=sys.maxsize)
+            newest: dict[tuple[IdType, str], FileRow] = {}
             for row in keep:
                 net.record(row.change.action, row.change.identifiers, row)
-            buf.net, buf.rows = net, keep
+                _note_newest(newest, row)
+            buf.net, buf.rows, buf.newest = net, keep, newest
             if not keep and buf.key not in self._out:
                 del self._buffers[buf.key]
         self.pending_rows -= dropped
@@ -280,3 +288,25 @@ class FileBatcher:
     def pending_for(self, tps: Iterable[TopicPartition]) -> int:
         want = set(tps)
         return sum(1 for b in self._buffers.values() for r in b.rows if r.ref.tp in want)
+
+
+def _newer(a: RecordRef, b: RecordRef) -> bool:
+    """`a` is a later record than `b` of the same partition (records of different partitions have no order)."""
+    return a.offset > b.offset and a.partition == b.partition and a.topic == b.topic
+
+
+def _newest_wins(newest: dict[tuple[IdType, str], FileRow], ref: RecordRef, change: FileChange) -> FileChange:
+    """An older record routed again (after a dead-letter hold) behind a newer one of its partition takes the newer
+    one's action: it then rides on the update that carries it, instead of undoing it (last added would win)."""
+    for ident in change.identifiers:
+        row = newest.get(ident)
+        if row is not None and _newer(row.ref, ref):
+            return change._replace(action=row.change.action)
+    return change
+
+
+def _note_newest(newest: dict[tuple[IdType, str], FileRow], row: FileRow) -> None:
+    for ident in row.change.identifiers:
+        seen = newest.get(ident)
+        if seen is None or not _newer(seen.ref, row.ref):
+            newest[ident] = row

@@ -391,3 +391,33 @@ def test_has_ready_ignores_held_keys() -> None:
     [key] = [batch.key for batch in b.ready(force=True)]
     b.add(ref(1), change(Action.ADD, ("EMAIL_SHA256", H2)))
     assert b.has_ready() and not b.has_ready(hold={key})
+
+
+def test_an_older_record_of_the_same_partition_added_later_never_undoes_the_newer_one() -> None:
+    # A dead-lettered record held by the DLQ guard is routed again after a newer record of its user waits.
+    b, _ = make()
+    newer = change(Action.DELETE, ("EMAIL_SHA256", H1))
+    assert b.add(ref(5), newer) == []
+    gone = b.add(ref(3), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    assert [r.ref for r in gone] == [ref(3)]  # finished at once as superseded: nothing of it is queued
+    assert b.pending_rows == 1
+    [batch] = b.ready(force=True)
+    assert batch.action is Action.DELETE and [r.ref for r in batch.rows] == [ref(5)]
+
+
+def test_an_older_record_keeps_only_its_cells_no_newer_record_waits_for() -> None:
+    b, _ = make()
+    b.add(ref(5), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    assert b.add(ref(3), change(Action.ADD, ("EMAIL_SHA256", H1), ("PHONE_SHA256", H2))) == []
+    batches = {bt.action: bt for bt in b.ready(force=True)}
+    assert batches[Action.DELETE].rows[0].cells == {"EMAIL_SHA256": H1}
+    assert batches[Action.ADD].rows[0].cells == {"PHONE_SHA256": H2}
+
+
+def test_records_of_different_partitions_have_no_order_the_later_added_wins() -> None:
+    b, _ = make()
+    b.add(ref(5, part=1), change(Action.DELETE, ("EMAIL_SHA256", H1)))
+    gone = b.add(ref(3, part=0), change(Action.ADD, ("EMAIL_SHA256", H1)))
+    assert [r.ref for r in gone] == [ref(5, part=1)]
+    [batch] = b.ready(force=True)
+    assert batch.action is Action.ADD

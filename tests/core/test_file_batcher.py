@@ -692,3 +692,17 @@ FileBatcherMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestFileBatcherModel = FileBatcherMachine.TestCase
+
+
+def test_an_older_record_of_the_same_partition_added_later_rides_on_the_newer_action() -> None:
+    # A record held by the DLQ guard and routed again arrives after a newer record of its user and partition.
+    b, _ = make()
+    older, newer = RecordRef("t", 0, 10), RecordRef("t", 0, 20)
+    b.add(newer, change(0, Action.DELETE))
+    b.add(older, change(0, Action.ADD))
+    b.add(RecordRef("t", 1, 5), change(1, Action.DELETE))
+    b.add(RecordRef("t", 0, 3), change(1, Action.ADD))  # another partition's record: no order, last added wins
+    [batch] = b.ready(force=True)
+    assert removes(batch) == users(0) and appends(batch) == users(1)
+    needs = dict(zip([r.ref for r in batch.rows], batch.net.needs, strict=True))
+    assert needs[older] == needs[newer] == {(EMAIL, FileAction.REMOVE)}  # finished when the REMOVE is accepted
