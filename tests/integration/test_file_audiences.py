@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,22 @@ def file_entry(audience_id: str | None = None, **more: Any) -> dict[str, Any]:
     return entry
 
 
-def file_audience(sb: SandboxThread, members: set[str], name: str) -> str:
-    """A customer-file audience holding `members` (hashes), made through the sandbox's own upload and create
-    (as tests/commands/test_refresh.py does); the set-up's file and CREATE are forgotten afterwards."""
-    content = "".join(h + "\n" for h in sorted(members)).encode()
+def sandbox_file(sb: SandboxThread, hashes: set[str], name: str) -> str:
+    """The path of a file of `hashes` uploaded straight into the sandbox's state (set-up, not under test)."""
+    content = "".join(h + "\n" for h in sorted(hashes)).encode()
     body: dict[str, object] = {
         "advertiser_id": ADV,
         "calculate_type": EMAIL,
         "file_signature": hashlib.md5(content, usedforsecurity=False).hexdigest(),
-        "file": FilePart("seed.csv", content),
+        "file": FilePart(name, content),
     }
-    path = sb.state.upload_file(body)["file_path"]
+    return str(sb.state.upload_file(body)["file_path"])
+
+
+def file_audience(sb: SandboxThread, members: set[str], name: str) -> str:
+    """A customer-file audience holding `members` (hashes), made through the sandbox's own upload and create
+    (as tests/commands/test_refresh.py does); the set-up's file and CREATE are forgotten afterwards."""
+    path = sandbox_file(sb, members, "seed.csv")
     created = sb.state.create_file_audience(
         {"advertiser_id": ADV, "custom_audience_name": name, "calculate_type": EMAIL, "file_paths": [path]}
     )
@@ -355,6 +361,41 @@ def test_create_on_demand_a_restarted_service_learns_the_id_from_the_store(
 # -- 3. the 1,000-user rule ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Refused:
+    """10 exits from an audience of exactly 1,000 members, refused by TikTok and dead-lettered (the service stopped)."""
+
+    people: list[str]
+    seed: set[str]
+    audience_id: str
+    exits: Records
+    letters: list[Any]
+    env: dict[str, str]
+
+    @classmethod
+    def run(
+        cls,
+        broker: LocalBroker,
+        topics: Topics,
+        sandbox: SandboxThread,
+        service_env: EnvFactory,
+        services: Start,
+        tmp_path: Path,
+    ) -> Refused:
+        key = "crm_small"
+        people = [f"member{i}@example.com" for i in range(1000)]
+        seed = {email_hash(e) for e in people}
+        audience_id = file_audience(sandbox, seed, "CRM small")
+        exits: Records = [(f"m{i}".encode(), event(key, "delete", f"m{i}", people[i], i)) for i in range(10)]
+        produce(broker, topics.source, exits)
+        env = file_env(service_env, sandbox, mappings(tmp_path, {key: file_entry(audience_id)}))
+        svc = services(env)
+        letters = dead_letters(broker, topics, len(exits), timeout_s=45)
+        wait_committed(broker, topics, len(exits), 30, svc)
+        assert svc.stop() == 0
+        return cls(people, seed, audience_id, exits, letters, env)
+
+
 def test_remove_below_1000_users_is_dead_lettered_tiktok_rejected_and_offsets_move_on(
     broker: LocalBroker,
     topics: Topics,
@@ -363,17 +404,8 @@ def test_remove_below_1000_users_is_dead_lettered_tiktok_rejected_and_offsets_mo
     services: Start,
     tmp_path: Path,
 ) -> None:
-    key = "crm_small"
-    people = [f"member{i}@example.com" for i in range(1000)]
-    seed = {email_hash(e) for e in people}
-    audience_id = file_audience(sandbox, seed, "CRM small")
-    exits: Records = [(f"m{i}".encode(), event(key, "delete", f"m{i}", people[i], i)) for i in range(10)]
-    produce(broker, topics.source, exits)
-    svc = services(file_env(service_env, sandbox, mappings(tmp_path, {key: file_entry(audience_id)})))
-
-    letters = dead_letters(broker, topics, len(exits), timeout_s=45)
-    wait_committed(broker, topics, len(exits), 30, svc)
-    assert svc.stop() == 0
+    r = Refused.run(broker, topics, sandbox, service_env, services, tmp_path)
+    people, seed, audience_id, exits, letters = r.people, r.seed, r.audience_id, r.exits, r.letters
     got_keys = sorted(bytes(m.key()) for m in letters)
     assert got_keys == sorted(bytes(k or b"") for k, _ in exits), "each refused record dead-lettered once"
     by_value = {m.value() for m in letters}
@@ -445,14 +477,7 @@ REPLAY_TIMEOUT_S = 60.0
 def grow_file_audience(sb: SandboxThread, audience_id: str, more: set[str]) -> None:
     """Add `more` (hashes) to a customer-file audience through the sandbox's own upload and APPEND (as
     `file_audience` seeds one); the set-up's file and update are forgotten afterwards."""
-    content = "".join(h + "\n" for h in sorted(more)).encode()
-    body: dict[str, object] = {
-        "advertiser_id": ADV,
-        "calculate_type": EMAIL,
-        "file_signature": hashlib.md5(content, usedforsecurity=False).hexdigest(),
-        "file": FilePart("grow.csv", content),
-    }
-    path = sb.state.upload_file(body)["file_path"]
+    path = sandbox_file(sb, more, "grow.csv")
     sb.state.update_file_audience(
         {"advertiser_id": ADV, "custom_audience_id": audience_id, "action": "APPEND", "file_paths": [path]}
     )
@@ -492,17 +517,8 @@ def test_replayed_file_audience_letters_apply_once_the_audience_is_big_enough(
     tmp_path: Path,
 ) -> None:
     # As in the 1,000-user rule test: 10 exits from an audience of exactly 1,000, refused and dead-lettered.
-    key = "crm_small"
-    people = [f"member{i}@example.com" for i in range(1000)]
-    seed = {email_hash(e) for e in people}
-    audience_id = file_audience(sandbox, seed, "CRM small")
-    exits: Records = [(f"m{i}".encode(), event(key, "delete", f"m{i}", people[i], i)) for i in range(10)]
-    produce(broker, topics.source, exits)
-    env = file_env(service_env, sandbox, mappings(tmp_path, {key: file_entry(audience_id)}))
-    svc = services(env)
-    letters = dead_letters(broker, topics, len(exits), timeout_s=45)
-    wait_committed(broker, topics, len(exits), 30, svc)
-    assert svc.stop() == 0
+    r = Refused.run(broker, topics, sandbox, service_env, services, tmp_path)
+    people, seed, audience_id, exits, letters, env = r.people, r.seed, r.audience_id, r.exits, r.letters, r.env
     assert len(letters) == len(exits)
     assert {header_value(m.headers(), "dlq.reason") for m in letters} == {"tiktok_rejected"}
     assert members(sandbox, audience_id) == seed, "the audience keeps its 1,000"

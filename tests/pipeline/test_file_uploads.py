@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, cast
 
 import aiohttp
-import orjson
 import pytest
 
 from service.core.batcher import Batcher
@@ -49,6 +47,7 @@ from service.pipeline.loop import Pipeline, PipelineOptions
 from service.tiktok.audiences_api import AudiencesApi
 from service.tiktok.client import ControlLimiter, TikTokClient
 from service.tiktok.customer_files_api import CustomerFilesApi, UploadedFile
+from tests.pipeline.harness import email, email_hash, event
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,12 +64,7 @@ TP0, TP1 = TopicPartition(SRC, 0), TopicPartition(SRC, 1)
 WAIT_S = 5.0
 
 
-def email(user: str) -> str:
-    return f"{user}@example.com"
-
-
-def sha(user: str) -> str:
-    return hashlib.sha256(email(user).encode()).hexdigest()
+sha = email_hash  # a user's email hash, as the service computes it
 
 
 def hashes(users: Iterable[str]) -> set[str]:
@@ -580,23 +574,6 @@ async def test_records_revoked_while_the_create_waits_for_its_turn_are_not_in_th
 
 
 # -- 7. the whole pipeline on the in-memory broker -------------------------------------------------------------
-
-
-def event(user: str, key: str, entered: bool, seq: int) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "track",
-            "event": "Audience Entered" if entered else "Audience Exited",
-            "userId": user,
-            "messageId": f"m{seq}",
-            "timestamp": "2026-11-30T12:00:00.000Z",
-            "context": {
-                "personas": {"computation_class": "audience", "computation_key": key},
-                "traits": {"email": email(user)},
-            },
-            "properties": {"audience_key": key, key: entered},
-        }
-    )
 
 
 def file_mappings(audience_id: str) -> Mappings:
