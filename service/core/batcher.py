@@ -108,11 +108,7 @@ class Batch:
     @property
     def id_schema(self) -> tuple[IdType, ...]:
         """The union of the rows' identifier types, in `ID_TYPES` order (computed: halves may need fewer)."""
-        present: set[IdType] = set()
-        for row in self.rows:
-            present.update(row.cells)
-            if len(present) == len(ID_TYPES):
-                break
+        present: set[IdType] = set().union(*[row.cells for row in self.rows])  # one C loop (4x a Python one)
         return tuple([t for t in ID_TYPES if t in present])
 
 
@@ -335,12 +331,22 @@ class Batcher:
             self._wait(row)
         if not rows:
             return None
-        pending = self._pending_cells
+        # `_remove_row` of every cut row, inlined (a cut moves up to 10,000 rows).
+        pending, buf_rows, row_buffer = self._pending_cells, buf.rows, self._row_buffer
         for row in rows:
-            self._remove_row(buf, row)
+            rid = id(row)
+            del buf_rows[rid]
+            del row_buffer[rid]
             for ck in row.keys:
                 del pending[ck]
                 inflight[ck] = inflight.get(ck, 0) + 1
+        if buf.early:
+            for row in rows:
+                buf.drop_early(row)
+        buf.nbytes -= nbytes
+        self.pending_rows -= len(rows)
+        if not buf_rows and not buf.blocked:
+            del self._buffers[buf.key]
         return Batch(next(self._ids), buf.key, rows, trigger)
 
     def release(self, rows: Iterable[Row]) -> None:

@@ -19,6 +19,7 @@ from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 
 from service.core.schemas import OFFLINE, SchemaNotLoaded, SchemaStore
+from service.core.types import new_tuple
 
 SEGMENT: Final = "segment"
 CANONICAL_JSON: Final = "canonical_json"
@@ -131,9 +132,9 @@ def _decode_json(value: bytes) -> Event | Undecodable:
         kind = _JSON_TYPE_NAMES.get(type(data), type(data).__name__)
         return Undecodable(UNKNOWN, f"JSON value is {kind}, expected an object")
     if "type" in data:
-        return Event(SEGMENT, data)
+        return new_tuple(Event, (SEGMENT, data))
     if "audience_key" in data or "action" in data or "offline_event" in data:
-        return Event(CANONICAL_JSON, data)  # membership or offline: the resolver tells them apart
+        return new_tuple(Event, (CANONICAL_JSON, data))  # membership or offline: the resolver tells them apart
     return Undecodable(
         UNKNOWN,
         'JSON object is neither a Segment event (no "type") nor a canonical event (no "audience_key", '

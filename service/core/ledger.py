@@ -20,9 +20,20 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from service.core.types import RecordRef, TopicPartition
+
+
+class _Tracked(Protocol):
+    @property
+    def ref(self) -> RecordRef: ...
+
+    @property
+    def source(self) -> Any: ...
+
+
+_R = TypeVar("_R", bound=_Tracked)
 
 
 @dataclass(slots=True)
@@ -112,9 +123,53 @@ class Ledger:
             self._tracked -= before - len(part.order)
         return True
 
+    def finish_all(self, rows: Iterable[_R]) -> None:
+        """`finish` of every row's record (`ref`, `source`), in one call: a whole upload lands at once."""
+        parts = self._parts
+        last_tp: tuple[str, int] | None = None
+        part: _Partition | None = None
+        for row in rows:
+            src = row.source
+            if src is None:
+                continue
+            ref = row.ref
+            tp = ref[:2]
+            if tp != last_tp:
+                part = parts.get(tp)  # type: ignore[call-overload]
+                last_tp = tp
+            if part is None:
+                continue
+            offset = ref[2]
+            live = part.live
+            if live.get(offset) is not src:
+                continue  # stale: revoked (and maybe re-consumed) meanwhile
+            del live[offset]
+            order = part.order
+            if order[0] == offset:
+                before = len(order)
+                part.advance()
+                self._tracked -= before - len(order)
+
     def is_live(self, ref: RecordRef, source: Any) -> bool:
         part = self._parts.get(ref[:2])  # type: ignore[call-overload]
         return part is not None and source is not None and part.live.get(ref[2]) is source
+
+    def live(self, rows: list[_R]) -> list[_R]:
+        """The rows (anything with the `ref` and `source` it was tracked with) whose record is live: `is_live` for
+        a whole upload at once (the revocation fence runs it over every row of every request)."""
+        parts = self._parts
+        out: list[_R] = []
+        last_tp: tuple[str, int] | None = None
+        part: _Partition | None = None
+        for row in rows:
+            ref, src = row.ref, row.source
+            tp = ref[:2]
+            if tp != last_tp:
+                part = parts.get(tp)  # type: ignore[call-overload]
+                last_tp = tp
+            if part is not None and src is not None and part.live.get(ref[2]) is src:
+                out.append(row)
+        return out
 
     def source(self, ref: RecordRef) -> Any:
         part = self._parts.get(ref[:2])  # type: ignore[call-overload]

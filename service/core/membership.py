@@ -45,6 +45,7 @@ from service.core.model import (
 )
 from service.core.offline import OfflineEvent, OfflineParser, OfflineSettings, is_canonical_offline
 from service.core.schemas import SchemaNotLoaded, SchemaStore
+from service.core.types import new_tuple
 
 NOT_AUDIENCE_EVENT: Final = Skipped("not_audience_event")
 
@@ -246,7 +247,7 @@ class Resolver:
                 return Processed(parsed.outcome, parsed.match_errors, fmt)
             else:
                 outcome, errors = self._canonical(data)
-            return Processed(outcome, errors, fmt)
+            return new_tuple(Processed, (outcome, errors, fmt))
         except SchemaNotLoaded:
             raise
         except Exception as exc:  # last line of defence: a bug must dead-letter one record, not stop the partition
@@ -401,8 +402,9 @@ class Resolver:
             if not isinstance(created, str):
                 return created, errors
             audience_id = created
-        change = AudienceChange(advertiser_id, audience_id, action, identifiers, audience_key, event_time)
-        return change, errors
+        return new_tuple(
+            AudienceChange, (advertiser_id, audience_id, action, identifiers, audience_key, event_time)
+        ), errors
 
     # -- canonical event (JSON or Avro) ----------------------------------------------------------------------
 
@@ -457,8 +459,9 @@ class Resolver:
             if not isinstance(created, str):
                 return created, errors
             audience_id = created
-        change = AudienceChange(advertiser_id, audience_id, action, identifiers, audience_key, event_time)
-        return change, errors
+        return new_tuple(
+            AudienceChange, (advertiser_id, audience_id, action, identifiers, audience_key, event_time)
+        ), errors
 
     # -- shared ----------------------------------------------------------------------------------------------
 

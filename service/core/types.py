@@ -6,6 +6,10 @@ from typing import NamedTuple
 
 Headers = list[tuple[str, bytes | None]]
 
+# Builds a NamedTuple from a tuple of all its fields without its generated Python-level `__new__` (one frame less,
+# about 0.2 µs): used only where one is made per record, e.g. `new_tuple(RecordRef, (topic, partition, offset))`.
+new_tuple = tuple.__new__
+
 
 class TopicPartition(NamedTuple):
     topic: str

@@ -32,7 +32,7 @@ from service.core.offline import UNMAPPED_EVENT, OfflineEvent
 from service.core.offline_batcher import OfflineBatcher
 from service.core.pauses import Pauses
 from service.core.schemas import SchemaNotLoaded
-from service.core.types import Headers, RecordRef, TopicPartition
+from service.core.types import Headers, RecordRef, TopicPartition, new_tuple
 from service.kafka.schema_registry import RegistryUnavailable
 from service.kafka.source import SourceMessage
 from service.pipeline.holds import AudienceHolds
@@ -90,7 +90,19 @@ class Router:
 
     def route(self, src: Source, outcome: Outcome | OfflineEvent | FileChange) -> None:
         counts = self.counts
-        if isinstance(outcome, FileChange):
+        if type(outcome) is AudienceChange:  # the hot path first (an exact type: outcomes are never subclassed)
+            if self.holds.any_held and self.holds.holding(outcome.audience_key):
+                self.holds.queue(cast(str, outcome.audience_key), src)
+                return
+            self.guard.ok()
+            ids = outcome.identifiers
+            counts[("valid", (ids[0][0],) if len(ids) == 1 else outcome.id_schema)] += 1
+            superseded = self.batcher.add(src.ref, outcome, src)
+            if superseded:
+                counts[("superseded",)] += len(superseded)
+                for old in superseded:
+                    self._finish(old.source)
+        elif isinstance(outcome, FileChange):
             if self.files is None:  # a wiring defect: never drop a record silently
                 self._dead_letter(
                     src, DeadLetter(DlqReason.MISSING_AUDIENCE_ID, "file audiences are not wired in this process")
@@ -107,18 +119,6 @@ class Router:
             for key in outcome.match_keys:
                 counts[("offline_key", key)] += 1
             self.offline.add(src.ref, outcome, src)
-        elif isinstance(outcome, AudienceChange):
-            if self.holds.any_held and self.holds.holding(outcome.audience_key):
-                self.holds.queue(cast(str, outcome.audience_key), src)
-                return
-            self.guard.ok()
-            ids = outcome.identifiers
-            counts[("valid", (ids[0][0],) if len(ids) == 1 else outcome.id_schema)] += 1
-            superseded = self.batcher.add(src.ref, outcome, src)
-            if superseded:
-                counts[("superseded",)] += len(superseded)
-                for old in superseded:
-                    self._finish(old.source)
         elif isinstance(outcome, Skipped):
             counts[("skipped", outcome.reason)] += 1
             if outcome is UNMAPPED_EVENT or outcome.reason == UNMAPPED_EVENT.reason:
@@ -127,6 +127,7 @@ class Router:
         elif isinstance(outcome, AudienceNeeded):
             self.holds.hold(src, outcome)
         else:
+            assert isinstance(outcome, Rejected)  # the last kind (an AudienceChange was taken first)
             if outcome.reason in _OFFLINE_REASONS:
                 counts[("offline", "unknown", "dead_lettered")] += 1
             self._dead_letter(src, DeadLetter(outcome.reason, outcome.error))
@@ -241,7 +242,7 @@ class Intake:
                     await self._fetch_schema_later(tp, offset, exc.schema_id)
                     continue
             # Track before anything can finish it (inlined `_accept`: this runs once per record).
-            ref = RecordRef(topic, partition, offset)
+            ref = new_tuple(RecordRef, (topic, partition, offset))
             ts_type, ts = msg.timestamp()
             key = msg.key()
             src = Source(ref, key.encode() if isinstance(key, str) else key, value, headers, ts if ts_type else None)

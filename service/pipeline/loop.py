@@ -389,8 +389,8 @@ class Pipeline:
 
     # -- outcomes (the scheduler's and the writer's callbacks) ----------------------------------------------
 
-    def is_live(self, row: Row) -> bool:
-        return self.ledger.is_live(row.ref, row.source)
+    def live(self, rows: list[Row]) -> list[Row]:
+        return self.ledger.live(rows)
 
     def _is_live_source(self, src: Source) -> bool:
         return self.ledger.is_live(src.ref, src)
@@ -407,14 +407,12 @@ class Pipeline:
         if rows:
             m.EVENTS_UPLOADED.labels(rows[0].change.action.value).inc(len(rows))
         latencies = []
-        finish = self.ledger.finish
         for row in rows:
             src = row.source
             t = row.change.event_time_ms or (src.timestamp_ms if src is not None else None)
             if t:
                 latencies.append(max(0.0, (now_ms - t) / 1000))
-            if src is not None:
-                finish(src.ref, src)
+        self.ledger.finish_all(rows)
         m.observe_many(m.EVENT_TO_ACK, latencies)
 
     def dead_letter(self, source: Any, letter: DeadLetter) -> Awaitable[None]:
@@ -508,8 +506,8 @@ class _OfflineOutcomes:
     def __init__(self, pipeline: Pipeline) -> None:
         self._p = pipeline
 
-    def is_live(self, row: OfflineRow) -> bool:
-        return self._p.ledger.is_live(row.ref, row.source)
+    def live(self, rows: list[OfflineRow]) -> list[OfflineRow]:
+        return self._p.ledger.live(rows)
 
     def uploaded(self, rows: list[OfflineRow]) -> None:
         """A batch landed: finish its records, count them by TikTok event name."""
@@ -518,11 +516,9 @@ class _OfflineOutcomes:
         now = p.wall()
         m.LAST_UPLOAD.set(now)
         sent: collections.Counter[str] = collections.Counter()
-        finish = p.ledger.finish
         for row in rows:
             sent[row.event.event] += 1
-            if row.source is not None:
-                finish(row.source.ref, row.source)
+        p.ledger.finish_all(rows)
         for event, n in sent.items():
             m.OFFLINE_EVENTS.labels(event, "sent").inc(n)
 

@@ -198,7 +198,9 @@ OFFLINE_MAX_ROWS_SCARCE = MAX_EVENTS_PER_REQUEST  # TikTok's ceiling per /event/
 class Outcomes(Protocol):
     """What the scheduler reports back: the loop's ledger, metrics and dead-letter writer."""
 
-    def is_live(self, row: Any) -> bool: ...
+    def live(self, rows: list[Any]) -> list[Any]:
+        """The rows whose records are still live (not revoked, lost or finished elsewhere)."""
+        ...
 
     def uploaded(self, rows: list[Any]) -> None: ...
 
@@ -439,10 +441,10 @@ class UploadScheduler:
             self._wake.set()
 
     def _drop_dead_rows(self, batch: BatchLike) -> None:
-        is_live = self.outcomes.is_live
-        live = [r for r in batch.rows if is_live(r)]
+        live = self.outcomes.live(batch.rows)
         if len(live) != len(batch.rows):
-            self.batcher.release([r for r in batch.rows if not is_live(r)])
+            kept = {id(r) for r in live}
+            self.batcher.release([r for r in batch.rows if id(r) not in kept])
             batch.rows = live
 
     async def _post(self, batch: BatchLike, *, token: bool = False) -> Answer | None:
@@ -485,7 +487,7 @@ class UploadScheduler:
         d = DeadLetterDecision(self.sink.reason(d.reason), d.note)
         error = _answer_error(d.reason, answer, d.note)
         try:
-            live = [row for row in batch.rows if self.outcomes.is_live(row)]
+            live = self.outcomes.live(batch.rows)
             self.sink.dead_lettered(live)
             await asyncio.gather(
                 *[

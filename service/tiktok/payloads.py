@@ -18,16 +18,19 @@ from service.core.model import Action, IdType
 
 
 def mapping_body(advertiser_id: str, action: Action, id_schema: Sequence[IdType], rows: Sequence[Row]) -> bytes:
-    audiences: dict[str, str] = {}
+    tails: dict[str, str] = {}  # audience id → the end of its cells, JSON-encoded once
     out: list[str] = []
+    only = id_schema[0] if len(id_schema) == 1 else None  # one column: every row has it (rows are never empty)
     for row in rows:
         aud = row.change.audience_id
-        aud_json = audiences.get(aud)
-        if aud_json is None:
-            aud_json = audiences[aud] = orjson.dumps([aud]).decode()
+        tail = tails.get(aud)
+        if tail is None:
+            tail = tails[aud] = '","audience_ids":' + orjson.dumps([aud]).decode() + "}"
         cells = row.cells
-        tail = '","audience_ids":' + aud_json + "}"
-        out.append("[" + ",".join('{"id":"' + cells[t] + tail if t in cells else "{}" for t in id_schema) + "]")
+        if only is not None:
+            out.append('[{"id":"' + cells[only] + tail + "]")
+        else:
+            out.append("[" + ",".join('{"id":"' + cells[t] + tail if t in cells else "{}" for t in id_schema) + "]")
     head = (
         '{"advertiser_ids":'
         + orjson.dumps([advertiser_id]).decode()

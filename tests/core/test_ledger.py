@@ -268,6 +268,14 @@ class _Part:
         return sum(1 for r in self.records if r.offset >= head)
 
 
+@dataclass
+class _Row:
+    """What an upload hands the ledger: a record's ref and the source it was tracked with."""
+
+    ref: RecordRef
+    source: object
+
+
 class LedgerMachine(RuleBasedStateMachine):
     """Random assign/revoke/track/finish against a plain model; every step checks offsets and sizes."""
 
@@ -329,6 +337,24 @@ class LedgerMachine(RuleBasedStateMachine):
         r, src = data.draw(st.sampled_from(self.stale))
         assert not self.ledger.is_live(r, src)
         assert not self.ledger.finish(r, src)
+
+    @precondition(lambda self: self.stale or any(p.unfinished() for p in self.parts.values()))
+    @rule(data=st.data())
+    def finish_a_batch(self, data: st.DataObject) -> None:
+        """A whole upload lands (`live`, then `finish_all`): live and stale rows of several partitions, in any
+        order and maybe twice. Only the live ones finish, each once, as `finish` one by one would."""
+        open_ = [_Row(ref(r.offset, tp), r.source) for tp, p in self.parts.items() for r in p.unfinished()]
+        stale = [_Row(r, src) for r, src in self.stale]
+        rows = data.draw(st.lists(st.sampled_from(open_ + stale), max_size=12)) if open_ or stale else []
+        live_ids = {(r.ref, id(r.source)) for r in open_}
+        assert self.ledger.live(rows) == [r for r in rows if (r.ref, id(r.source)) in live_ids]
+        self.ledger.finish_all(rows)
+        for row in rows:
+            part = self.parts.get(row.ref.tp)
+            for rec in part.unfinished() if part is not None else []:
+                if rec.offset == row.ref.offset and rec.source is row.source:
+                    rec.finished = True
+                    self.stale.append((row.ref, rec.source))
 
     @rule()
     def take_committable(self) -> None:
