@@ -171,8 +171,10 @@ class Batcher:
         if len(ids) == 1:  # the common case: one identifier
             t, h = ids[0]
             keys: tuple[CellKey, ...] = ((adv, aud, t, h),)
+            cells = {t: h}
         else:
             keys = tuple([(adv, aud, t, h) for t, h in ids])
+            cells = dict(ids)
         if pending:
             stale: list[CellKey] = []
             for ck in keys:
@@ -193,13 +195,14 @@ class Batcher:
                     return superseded
                 ids = tuple([(ck[2], ck[3]) for ck in keys])
                 change = change._replace(identifiers=ids)
+                cells = dict(ids)
         key: BatchKey = (adv, change.action)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = _Buffer(key)
         # The JSON size of the row (`_row_bytes`), inlined: every identifier of a new row is present.
         nbytes = len(ids) * (_CELL_BYTES + len(aud)) + (_SCHEMA_WIDTH - len(ids)) * _EMPTY_CELL_BYTES + 3
-        row = Row(ref, change, dict(ids), self._clock(), keys, nbytes, source)
+        row = Row(ref, change, cells, self._clock(), keys, nbytes, source)
         rid = id(row)
         buf.rows[rid] = row
         buf.nbytes += nbytes

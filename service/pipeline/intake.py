@@ -195,7 +195,7 @@ class Intake:
         process, track = resolver.process, ledger.track
         skip: set[TopicPartition] = set()
         resets = ledger.resets
-        tps = self._tps
+        hook = self.hook
         consumed: dict[str, int] = {}
         for msg in msgs:
             err = msg.error()
@@ -204,11 +204,9 @@ class Intake:
                     log.warning("consume error: %s", err)
                 continue
             topic, partition = msg.topic() or "", msg.partition() or 0
-            tp = tps.get((topic, partition))
-            if tp is None:
-                tp = tps[(topic, partition)] = TopicPartition(topic, partition)
             offset = msg.offset() or 0
             if skip or self._rewound:  # rare: a schema fetch rewound a partition
+                tp = self._tp(topic, partition)
                 if tp in skip:
                     continue
                 rewound_to = self._rewound.get(tp)
@@ -217,10 +215,10 @@ class Intake:
                         continue  # fetched before the seek: the partition is re-read from `rewound_to`
                     del self._rewound[tp]
             value, headers = msg.value(), cast(Headers | None, msg.headers())
-            if self.hook is not None:
-                skip_reason, headers = self.hook(msg, headers)
+            if hook is not None:
+                skip_reason, headers = hook(msg, headers)
                 if skip_reason is not None:
-                    src = self._accept(msg, tp, headers)
+                    src = self._accept(msg, self._tp(topic, partition), headers)
                     if src is not None:
                         consumed[topic] = consumed.get(topic, 0) + 1
                         route(src, Skipped(skip_reason))
@@ -238,6 +236,7 @@ class Intake:
                         "confluent_avro",
                     )
                 else:
+                    tp = self._tp(topic, partition)
                     skip.add(tp)
                     await self._fetch_schema_later(tp, offset, exc.schema_id)
                     continue
@@ -262,6 +261,12 @@ class Intake:
                 ledger.resets,
             )
         self.router.flush_counts()
+
+    def _tp(self, topic: str, partition: int) -> TopicPartition:
+        tp = self._tps.get((topic, partition))
+        if tp is None:
+            tp = self._tps[(topic, partition)] = TopicPartition(topic, partition)
+        return tp
 
     def _accept(self, msg: SourceMessage, tp: TopicPartition, headers: Headers | None) -> Source | None:
         ref = RecordRef(tp.topic, tp.partition, msg.offset() or 0)
