@@ -121,35 +121,9 @@ def _first(a: object, b: object, c: object) -> object:
     return c
 
 
-_SECOND_MS: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:SS" → its epoch ms (UTC): events of one second share it
-_SECOND_CACHE_SIZE: Final = 4096
-
-
 def _iso_ms(value: object) -> int | None:
-    """Epoch ms of an ISO 8601 timestamp (naive means UTC); None when it is not one.
-
-    Segment's own form, "2026-11-30T21:57:18.123Z", is read from a per-second cache plus its milliseconds
-    (datetime parsing was 2% of the CPU per event); anything else goes through `datetime.fromisoformat`.
-    """
     if type(value) is not str:
         return None
-    if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[13] == ":" and value[16] == ":":
-        ms = value[20:23]
-        if ms.isdigit() and ms.isascii():
-            second = value[:19]
-            base = _SECOND_MS.get(second)
-            if base is None:
-                base = _iso_ms_slow(second)
-                if base is None:
-                    return None
-                if len(_SECOND_MS) >= _SECOND_CACHE_SIZE:
-                    _SECOND_MS.clear()
-                _SECOND_MS[second] = base
-            return base + int(ms)
-    return _iso_ms_slow(value)
-
-
-def _iso_ms_slow(value: str) -> int | None:
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:

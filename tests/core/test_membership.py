@@ -9,19 +9,18 @@ import json
 import random
 import struct
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import fastavro
 import orjson
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core.file_batcher import FileChange
 from service.core.mappings import Mappings, parse_mappings
-from service.core.membership import NOT_AUDIENCE_EVENT, Processed, Resolver, ResolverSettings, _iso_ms, _iso_ms_slow
+from service.core.membership import NOT_AUDIENCE_EVENT, Processed, Resolver, ResolverSettings
 from service.core.model import (
     ID_TYPES,
     Action,
@@ -385,31 +384,6 @@ def test_event_time(value: object, expected: int | None) -> None:
         segment = segment_track(True)
         segment["timestamp"] = value
         assert change(run(segment)).event_time_ms == expected
-
-
-_SEGMENT_FORM = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)).map(
-    lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
-)
-
-
-@settings(max_examples=500)
-@example(text="2026-11-30T21+01:00.123Z")  # its first 19 characters parse (hour and offset): the whole does not
-@example(text="2026-11-30T215718+01.123Z")
-@example(text="2026-11-30 21:57:18.123Z")
-@given(
-    text=st.one_of(
-        _SEGMENT_FORM,
-        # near-misses of the form the fast path reads: any character at any position
-        st.tuples(_SEGMENT_FORM, st.integers(0, 23), st.characters()).map(
-            lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + 1 :]
-        ),
-        st.text(max_size=30),
-    )
-)
-def test_segment_timestamps_read_through_the_second_cache_equal_a_full_parse(text: str) -> None:
-    """`_iso_ms` answers Segment's "…SS.mmmZ" form from a per-second cache: the same as parsing it whole, twice."""
-    assert _iso_ms(text) == _iso_ms_slow(text)
-    assert _iso_ms(text) == _iso_ms_slow(text)  # now from the cache, if it was the fast form
 
 
 @pytest.mark.parametrize(
