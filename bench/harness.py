@@ -5,7 +5,7 @@ Everything runs on this machine over 127.0.0.1: tansu
 process (`python -m service sandbox`) and the service as a real subprocess (`python -m service run`) at its
 default configuration (service/config.py; SERVICE_CONFIG below sets only what the harness needs, each with its
 reason). Every figure is printed beside a baseline measured in the same run, because the box is shared and small
-(2 cores). Rows (a full run: email, quix, floor, budget, the other e2e rows, phone-options, latency, memory,
+(2 cores). Rows (a full run: email, quix, bare, floor, budget, the other e2e rows, phone-options, latency, memory,
 scaling, profile; `--only` takes any of these names, `e2e` for the five drains):
 
   ceiling          a bare confluent-kafka consume loop over a row's pre-produced records (messages/s)
@@ -23,6 +23,11 @@ scaling, profile; `--only` takes any of these names, `e2e` for the five drains):
                    so Quix commits after the POST. N / (t_done - t_first), t_done = every row posted and the
                    group's committed offsets covering N; its process CPU µs/event over that window; the sandbox's
                    request log must hold exactly N accepted rows. If the install fails the row says so
+  bare             bench/bare_baseline.py (the service's virtualenv): the cheapest Python loop doing the job on the
+                   email backlog (consume, orjson, SHA-256, lists per advertiser/action, keep-alive POSTs of up to
+                   1,000 rows, commit after them) with none of the service's guarantees (ordering across actions,
+                   netting, dead letters, retries, rebalances, metrics): a lower bound on Python's CPU per event for
+                   this job, measured like quix (status files, process CPU over t_first..t_done, sandbox row check)
   offline          offline conversions (issue 12; bench/workload.py `offline`: half canonical, half Segment
                    e-commerce) drained by the service at its defaults with a default event set configured:
                    events/s and the service's CPU µs/event against this row's own floor (the same records)
@@ -103,6 +108,7 @@ E2E_ROWS = ("email", "phone-e164", "phone-national", "mixed", "avro")
 ALL_ROWS = (
     "email",
     "quix",
+    "bare",
     "floor",
     "budget",
     *E2E_ROWS[1:],
@@ -113,7 +119,7 @@ ALL_ROWS = (
     "profile",
     "offline",
 )
-EMAIL_USERS = ("quix", "floor", "budget", "profile")  # rows that read the email backlog after the email row
+EMAIL_USERS = ("quix", "bare", "floor", "budget", "profile")  # rows that read the email backlog after the email row
 PROFILE_KINDS = ("email", "mixed")  # email first: the CPU-per-event target is measured on it
 SANDBOX_LOG_SIZE = 10_000  # requests the sandbox's request log keeps (SandboxState's default)
 FLOOR_SAMPLE = 200_000  # records of the email backlog the floor loop runs over (bounded: they are held in memory)
@@ -189,6 +195,7 @@ class Bench:
         self.rates: dict[str, float] = {}
         self.cpu_us: dict[str, float] = {}  # e2e row → the service process's CPU µs per event
         self.quix: dict[str, Any] | None = None  # the quix row's result (ev/s, CPU µs/event)
+        self.bare: dict[str, Any] | None = None  # the bare row's result (ev/s, CPU µs/event)
         self.floor_us: float | None = None  # the floor row's µs/event
         self.pending: list[str] = []  # selected rows not run yet
         self.topics: dict[str, tuple[str, int]] = {}  # workload kind → (topic, records) already produced
@@ -651,6 +658,60 @@ class Bench:
             self.quix = {"eps": eps, "cpu_us": us}
         self.say(f"quix: {row.figure}; {row.target}")
 
+    def row_bare(self) -> None:
+        """bench/bare_baseline.py (the service's virtualenv): the cheapest Python loop doing the job, a lower bound."""
+        n = self.args.events
+        row = Row("bare loop (email, lower bound)", "")
+        self.rows.append(row)
+        topic = self.backlog("email", n)
+        status = ARTIFACTS / "bare-status"
+        for f in ("started.json", "result.json"):
+            (status / f).unlink(missing_ok=True)
+        sandbox, url = self.start_sandbox("bare")
+        proc: subprocess.Popen[bytes] | None = None
+        log = self.logs / "bare.log"
+        try:
+            argv = [procs.python(), "-m", "bench.bare_baseline"]
+            argv += ["--bootstrap", self.bootstrap, "--topic", topic, "--group", f"bench-bare-{uuid.uuid4().hex[:6]}"]
+            argv += ["--url", url, "--token", "sandbox-token", "--events", str(n), "--status-dir", str(status)]
+            argv += ["--consumer-config", f"session.timeout.ms={SERVICE_CONFIG['KAFKA_SESSION_TIMEOUT_MS']}"]
+            for a in DEFAULT_AUDIENCES:
+                argv += ["--audience", f"{a.key}={a.advertiser_id}:{a.audience_id}"]
+            proc = self.children.popen(argv, log=log, env=self._env(), cwd=procs.ROOT)
+            res = self._wait_quix(proc, sandbox, status, log, self.timeout(self.args.row_timeout + 60))
+            requests = _sandbox_requests(url)
+        finally:
+            if proc is not None:
+                Children.stop(proc, 20)
+            Children.stop(sandbox, 10)
+            self.release_backlog("email")
+        row.data = {"events": n, "result": res}
+        if not res.get("ok"):
+            row.figure, row.result = f"error: {str(res.get('error'))[:90]}", "error"
+            self.say(f"bare: {row.figure}")
+            return
+        secs = max(1e-6, res["t_done"] - res["t_first"])
+        eps, us = n / secs, res["cpu_s"] * 1e6 / n
+        ok_reqs = [r for r in requests if r.get("code") == 0]
+        rows_got = sum(r.get("rows") or 0 for r in ok_reqs)
+        row.data.update(eps=eps, cpu_us_per_event=us, sandbox_rows=rows_got, sandbox_requests=len(requests))
+        row.figure = f"{_fmt_rate(eps)} ev/s; process CPU {us:.1f} µs/event"
+        row.cpu = _fmt_cpu(res.get("cpu") or {})
+        row.target = (
+            f"sandbox got {rows_got:,} rows in {len(ok_reqs):,} accepted requests "
+            f"({len(requests) - len(ok_reqs)} refused); expected {n:,}"
+        )
+        row.result = "info"
+        if "email" in self.rates:
+            row.baseline = f"e2e email {_fmt_rate(self.rates['email'])} ev/s"
+            row.ratio = f"email = {self.rates['email'] / eps:.2f}x bare"
+        if rows_got != n or len(requests) >= SANDBOX_LOG_SIZE:
+            row.result = "error"
+            row.target += " (log full: may be truncated)" if len(requests) >= SANDBOX_LOG_SIZE else " — MISMATCH"
+        else:
+            self.bare = {"eps": eps, "cpu_us": us}
+        self.say(f"bare: {row.figure}; {row.target}")
+
     def _wait_quix(
         self, proc: subprocess.Popen[bytes], sandbox: subprocess.Popen[bytes], status: Path, log: Path, timeout_s: float
     ) -> dict[str, Any]:
@@ -873,6 +934,8 @@ class Bench:
                 row.result = "n/a (no floor row in this run)"
             if self.quix:
                 row.target += f"; quix process {self.quix['cpu_us']:.1f} µs/event"
+            if self.bare:
+                row.target += f"; bare loop {self.bare['cpu_us']:.1f} µs/event ({us / self.bare['cpu_us']:.1f}x)"
             self.rows.append(row)
         for kind in ("mixed", "avro"):
             if kind not in self.cpu_us:
@@ -1310,6 +1373,8 @@ class Bench:
                     self.row_phone_options()
                 elif name == "quix":
                     self.row_quix()
+                elif name == "bare":
+                    self.row_bare()
                 elif name == "floor":
                     self.row_floor()
                 elif name == "budget":
