@@ -24,14 +24,13 @@ import hashlib
 import http.client
 import sys
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from bench.quix_baseline import ENTERED, MAX_ROWS, Progress, _cpu, _parse_audiences, write_json
+from bench.quix_baseline import ENTERED, MAX_ROWS, Progress, _cpu, _parse_audiences, baseline_parser, write_json
 
 LINGER_S = 1.0
 
@@ -129,35 +128,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_done, cpu_done = time.monotonic(), _cpu()
     finally:
         consumer.close()
-    assert progress.t_first is not None
-    return {
-        "ok": True,
-        "events": args.events,
-        "t_first": progress.t_first,
-        "t_consumed_all": progress.t_consumed_all,
-        "t_posted_all": progress.t_posted_all,
-        "t_done": t_done,
-        "cpu_s": cpu_done - progress.cpu_first,
-        "consumed": progress.consumed,
-        "posted": progress.posted,
-        "skipped": progress.skipped,
-        "requests": poster.requests,
-        "python": sys.version.split()[0],
-    }
+    return progress.result(t_done, cpu_done, requests=poster.requests)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bootstrap", required=True)
-    p.add_argument("--topic", required=True)
-    p.add_argument("--group", required=True)
-    p.add_argument("--url", required=True, help="TikTok API base, e.g. http://127.0.0.1:PORT/open_api/v1.3")
-    p.add_argument("--token", required=True)
-    p.add_argument("--audience", action="append", default=[], metavar="KEY=ADVERTISER_ID:AUDIENCE_ID")
-    p.add_argument("--events", type=int, required=True, help="records in the topic (N)")
-    p.add_argument("--status-dir", type=Path, required=True)
-    p.add_argument("--consumer-config", action="append", default=[], metavar="PROPERTY=VALUE")
-    args = p.parse_args(argv)
+    args = baseline_parser(__doc__).parse_args(argv)
     args.status_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args)

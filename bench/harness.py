@@ -599,97 +599,66 @@ class Bench:
             self.notes.append(f"quix: could not install quixstreams {quix_baseline.QUIX_VERSION}: {e}")
             self.say(f"quix: {e}")
             return
-        topic = self.backlog("email", n)
-        status = ARTIFACTS / "quix-status"
-        for f in ("started.json", "result.json"):
-            (status / f).unlink(missing_ok=True)
-        sandbox, url = self.start_sandbox("quix")
-        proc: subprocess.Popen[bytes] | None = None
-        log = self.logs / "quix.log"
-        try:
-            argv = [str(py), str(procs.ROOT / "bench" / "quix_baseline.py")]
-            argv += ["--bootstrap", self.bootstrap, "--topic", topic, "--group", f"bench-quix-{uuid.uuid4().hex[:6]}"]
-            argv += ["--url", url, "--token", "sandbox-token", "--events", str(n), "--status-dir", str(status)]
-            # the harness-only consumer setting the service gets too (SERVICE_CONFIG), nothing else
-            argv += ["--consumer-config", f"session.timeout.ms={SERVICE_CONFIG['KAFKA_SESSION_TIMEOUT_MS']}"]
-            for a in DEFAULT_AUDIENCES:
-                argv += ["--audience", f"{a.key}={a.advertiser_id}:{a.audience_id}"]
-            env = {k: v for k, v in self._env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-            proc = self.children.popen(argv, log=log, env=env, cwd=ARTIFACTS)
-            res = self._wait_quix(proc, sandbox, status, log, self.timeout(self.args.row_timeout + 60))
-            requests = _sandbox_requests(url)
-        finally:
-            if proc is not None:
-                Children.stop(proc, 20)
-            Children.stop(sandbox, 10)
-            self.release_backlog("email")
-        row.data = {"events": n, "result": res, "quixstreams": quix_baseline.QUIX_VERSION}
-        if not res.get("ok"):
-            row.figure, row.result = f"error: {str(res.get('error'))[:90]}", "error"
-            self.say(f"quix: {row.figure}")
-            return
-        secs = max(1e-6, res["t_done"] - res["t_first"])
-        eps, us = n / secs, res["cpu_s"] * 1e6 / n
-        ok_reqs = [r for r in requests if r.get("code") == 0]
-        rows_got = sum(r.get("rows") or 0 for r in ok_reqs)
-        row.data.update(eps=eps, cpu_us_per_event=us, sandbox_rows=rows_got, sandbox_requests=len(requests))
-        consumed = ""
-        if res.get("t_consumed_all") and res.get("t_posted_all"):
-            consumed = f" (all consumed at {_fmt_rate(n / max(1e-6, res['t_consumed_all'] - res['t_first']))})"
+        env = {k: v for k, v in self._env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        res, requests = self._run_baseline(
+            "quix", [str(py), str(procs.ROOT / "bench" / "quix_baseline.py")], env, ARTIFACTS
+        )
+        self.quix = self._baseline_row(row, "quix", res, requests, n)
+        row.data["quixstreams"] = quix_baseline.QUIX_VERSION
+        if res.get("ok") and res.get("t_consumed_all") and res.get("t_posted_all"):
+            row.figure = row.figure.replace(
+                " ev/s;", f" ev/s (all consumed at {_fmt_rate(n / max(1e-6, res['t_consumed_all'] - res['t_first']))});"
+            )
             self.notes.append(
                 f"quix: the {n:,} records were consumed {res['t_consumed_all'] - res['t_first']:.1f} s after the "
                 f"first, all rows posted {res['t_posted_all'] - res['t_consumed_all']:.1f} s later and committed "
                 f"{res['t_done'] - res['t_posted_all']:.2f} s after that: Quix flushes its sinks (the POSTs) and "
                 "commits at each checkpoint, every 5 s by default"
             )
-        row.figure = f"{_fmt_rate(eps)} ev/s{consumed}; process CPU {us:.1f} µs/event"
-        row.cpu = _fmt_cpu(res.get("cpu") or {})
-        row.target = (
-            f"sandbox got {rows_got:,} rows in {len(ok_reqs):,} accepted requests "
-            f"({len(requests) - len(ok_reqs)} refused); expected {n:,}"
-        )
-        if "email" in self.rates:
-            row.baseline = f"e2e email {_fmt_rate(self.rates['email'])} ev/s"
-            row.ratio = f"email = {self.rates['email'] / eps:.2f}x quix"
-        if rows_got != n or len(requests) >= SANDBOX_LOG_SIZE:
-            row.result = "error"
-            row.target += " (log full: may be truncated)" if len(requests) >= SANDBOX_LOG_SIZE else " — MISMATCH"
-        else:
-            self.quix = {"eps": eps, "cpu_us": us}
         self.say(f"quix: {row.figure}; {row.target}")
 
-    def row_bare(self) -> None:
-        """bench/bare_baseline.py (the service's virtualenv): the cheapest Python loop doing the job, a lower bound."""
-        n = self.args.events
-        row = Row("bare loop (email, lower bound)", "")
-        self.rows.append(row)
-        topic = self.backlog("email", n)
-        status = ARTIFACTS / "bare-status"
+    def _run_baseline(
+        self, label: str, cmd: list[str], env: dict[str, str], cwd: Path
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Run a baseline process (quix, bare) on the email backlog against a fresh sandbox: its result file and
+        the sandbox's request log."""
+        topic = self.backlog("email", self.args.events)
+        status = ARTIFACTS / f"{label}-status"
         for f in ("started.json", "result.json"):
             (status / f).unlink(missing_ok=True)
-        sandbox, url = self.start_sandbox("bare")
+        sandbox, url = self.start_sandbox(label)
         proc: subprocess.Popen[bytes] | None = None
-        log = self.logs / "bare.log"
+        log = self.logs / f"{label}.log"
         try:
-            argv = [procs.python(), "-m", "bench.bare_baseline"]
-            argv += ["--bootstrap", self.bootstrap, "--topic", topic, "--group", f"bench-bare-{uuid.uuid4().hex[:6]}"]
-            argv += ["--url", url, "--token", "sandbox-token", "--events", str(n), "--status-dir", str(status)]
-            argv += ["--consumer-config", f"session.timeout.ms={SERVICE_CONFIG['KAFKA_SESSION_TIMEOUT_MS']}"]
-            for a in DEFAULT_AUDIENCES:
-                argv += ["--audience", f"{a.key}={a.advertiser_id}:{a.audience_id}"]
-            proc = self.children.popen(argv, log=log, env=self._env(), cwd=procs.ROOT)
+            proc = self.children.popen([*cmd, *self._baseline_args(label, topic, url)], log=log, env=env, cwd=cwd)
             res = self._wait_quix(proc, sandbox, status, log, self.timeout(self.args.row_timeout + 60))
-            requests = _sandbox_requests(url)
+            return res, _sandbox_requests(url)
         finally:
             if proc is not None:
                 Children.stop(proc, 20)
             Children.stop(sandbox, 10)
             self.release_backlog("email")
+
+    def _baseline_args(self, label: str, topic: str, url: str) -> list[str]:
+        """The command line quix_baseline.py and bare_baseline.py share (status files in artifacts/<label>-status)."""
+        argv = ["--bootstrap", self.bootstrap, "--topic", topic, "--group", f"bench-{label}-{uuid.uuid4().hex[:6]}"]
+        argv += ["--url", url, "--token", "sandbox-token", "--events", str(self.args.events)]
+        argv += ["--status-dir", str(ARTIFACTS / f"{label}-status")]
+        # the harness-only consumer setting the service gets too (SERVICE_CONFIG), nothing else
+        argv += ["--consumer-config", f"session.timeout.ms={SERVICE_CONFIG['KAFKA_SESSION_TIMEOUT_MS']}"]
+        for a in DEFAULT_AUDIENCES:
+            argv += ["--audience", f"{a.key}={a.advertiser_id}:{a.audience_id}"]
+        return argv
+
+    def _baseline_row(
+        self, row: Row, label: str, res: dict[str, Any], requests: list[dict[str, Any]], n: int
+    ) -> dict[str, Any] | None:
+        """Fill a baseline process's row (quix, bare) from its result file and the sandbox's request log; its
+        ev/s and CPU µs/event, or None when it failed or the sandbox did not get exactly N rows."""
         row.data = {"events": n, "result": res}
         if not res.get("ok"):
             row.figure, row.result = f"error: {str(res.get('error'))[:90]}", "error"
-            self.say(f"bare: {row.figure}")
-            return
+            return None
         secs = max(1e-6, res["t_done"] - res["t_first"])
         eps, us = n / secs, res["cpu_s"] * 1e6 / n
         ok_reqs = [r for r in requests if r.get("code") == 0]
@@ -701,15 +670,24 @@ class Bench:
             f"sandbox got {rows_got:,} rows in {len(ok_reqs):,} accepted requests "
             f"({len(requests) - len(ok_reqs)} refused); expected {n:,}"
         )
-        row.result = "info"
         if "email" in self.rates:
             row.baseline = f"e2e email {_fmt_rate(self.rates['email'])} ev/s"
-            row.ratio = f"email = {self.rates['email'] / eps:.2f}x bare"
+            row.ratio = f"email = {self.rates['email'] / eps:.2f}x {label}"
         if rows_got != n or len(requests) >= SANDBOX_LOG_SIZE:
             row.result = "error"
             row.target += " (log full: may be truncated)" if len(requests) >= SANDBOX_LOG_SIZE else " — MISMATCH"
-        else:
-            self.bare = {"eps": eps, "cpu_us": us}
+            return None
+        return {"eps": eps, "cpu_us": us}
+
+    def row_bare(self) -> None:
+        """bench/bare_baseline.py (the service's virtualenv): the cheapest Python loop doing the job, a lower bound."""
+        n = self.args.events
+        row = Row("bare loop (email, lower bound)", "")
+        self.rows.append(row)
+        res, requests = self._run_baseline(
+            "bare", [procs.python(), "-m", "bench.bare_baseline"], self._env(), procs.ROOT
+        )
+        self.bare = self._baseline_row(row, "bare", res, requests, n)
         self.say(f"bare: {row.figure}; {row.target}")
 
     def _wait_quix(

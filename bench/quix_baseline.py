@@ -117,6 +117,24 @@ class Progress:
                 self.t_posted_all = time.monotonic()
                 self.all_posted.set()
 
+    def result(self, t_done: float, cpu_done: float, **extra: Any) -> dict[str, Any]:
+        """`result.json` of a finished run: the window the harness measures and the counts it checks."""
+        assert self.t_first is not None
+        return {
+            "ok": True,
+            "events": self.events,
+            "t_first": self.t_first,
+            "t_consumed_all": self.t_consumed_all,
+            "t_posted_all": self.t_posted_all,
+            "t_done": t_done,
+            "cpu_s": cpu_done - self.cpu_first,
+            "consumed": self.consumed,
+            "posted": self.posted,
+            "skipped": self.skipped,
+            "python": sys.version.split()[0],
+            **extra,
+        }
+
 
 def _cpu() -> float:
     t = os.times()
@@ -140,8 +158,9 @@ def _parse_audiences(values: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def baseline_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of both baselines (this one and bench/bare_baseline.py): the harness passes the same."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--topic", required=True)
     p.add_argument("--group", required=True)
@@ -157,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PROPERTY=VALUE",
         help="librdkafka consumer property (the harness passes the service's session.timeout.ms)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = baseline_parser(__doc__).parse_args(argv)
     audiences = _parse_audiences(args.audience)
     args.status_dir.mkdir(parents=True, exist_ok=True)
 
@@ -252,24 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             with contextlib.suppress(Exception):
                 c.close()
-        assert progress.t_first is not None
         write_json(
             args.status_dir / "result.json",
-            {
-                "ok": True,
-                "events": args.events,
-                "t_first": progress.t_first,
-                "t_consumed_all": progress.t_consumed_all,
-                "t_posted_all": progress.t_posted_all,
-                "t_done": t_done,
-                "cpu_s": cpu_done - progress.cpu_first,
-                "consumed": progress.consumed,
-                "posted": progress.posted,
-                "skipped": progress.skipped,
-                "requests": progress.requests,
-                "quixstreams": quixstreams.__version__,
-                "python": sys.version.split()[0],
-            },
+            progress.result(t_done, cpu_done, requests=progress.requests, quixstreams=quixstreams.__version__),
         )
         app.stop()
 
