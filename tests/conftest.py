@@ -20,7 +20,7 @@ from confluent_kafka import TopicPartition as KTP
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service.devtools.broker import LocalBroker, free_port
+from service.devtools.broker import LocalBroker, free_port, stop_process
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES
 from service.devtools.sandbox import SandboxThread
 
@@ -87,13 +87,7 @@ class Pushgateway:
         return int(sum(s.value for s in self.samples("pushgateway_http_requests_total") if s.labels == labels))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

@@ -41,6 +41,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM a child we started, SIGKILL it when it has not exited within `timeout_s`; a no-op once it exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class LocalBroker:
     """`with LocalBroker() as b:` starts tansu on 127.0.0.1 and waits until it answers metadata requests."""
 
@@ -84,13 +95,8 @@ class LocalBroker:
             fut.result(timeout=10)
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+        if self._proc:
+            stop_process(self._proc, 5)
 
     def __enter__(self) -> LocalBroker:
         return self.start()

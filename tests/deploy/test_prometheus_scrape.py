@@ -37,7 +37,7 @@ import yaml
 from confluent_kafka import Consumer
 
 from service.commands.refresh import main as refresh_main
-from service.devtools.broker import LocalBroker, free_port
+from service.devtools.broker import LocalBroker, free_port, stop_process
 from service.devtools.sample import ADVERTISER_ID, DEFAULT_AUDIENCES, make_users, segment_event
 from service.devtools.sandbox import SandboxThread
 from service.devtools.sandbox.state import FilePart
@@ -102,13 +102,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else -1.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
